@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from trainer.config import DEMO_CONFIG, apply_overrides, build_experiment, load_experiment
+from trainer.errors import ConfigError
+
+
+def test_demo_config_loads():
+    exp = load_experiment(DEMO_CONFIG)
+    assert exp.model.backbone == "prithvi_eo_tiny"
+    assert exp.memory.profile == "zero3_offload"
+
+
+def test_overrides_are_typed_yaml_scalars():
+    exp = load_experiment(DEMO_CONFIG, ["optim.lr=3e-4", "run.grad_clip=null", "data.bands=[1,2,3]",
+                                        "checkpoint.resume=false"])
+    assert exp.optim.lr == pytest.approx(3e-4)
+    assert exp.run.grad_clip is None
+    assert exp.data.bands == [1, 2, 3]
+    assert exp.checkpoint.resume is False
+
+
+def test_every_problem_reported_at_once_with_suggestions(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"optim": {"lr": -1, "weight_decy": 0.1}, "data": {"batch_size": 0},
+                                   "task": {"num_classes": 3, "class_weights": [1.0, 2.0]}}))
+    with pytest.raises(ConfigError) as e:
+        load_experiment(cfg)
+    msgs = e.value.issues
+    assert len(msgs) == 4, msgs
+    joined = "\n".join(msgs)
+    assert "optim.weight_decy: unknown key; did you mean 'optim.weight_decay'?" in joined
+    assert "optim.lr" in joined and "greater than 0" in joined
+    assert "data.batch_size" in joined
+    assert "task.class_weights has 2 entries but task.num_classes is 3" in joined
+    assert str(cfg) in str(e.value)
+
+
+def test_unknown_section_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        build_experiment({"modle": {}})
+    assert "did you mean 'model'" in e.value.issues[0]
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="write it as key=value"):
+        apply_overrides({}, ["optim.lr"])
+
+
+def test_missing_config_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="does-not-exist.yaml does not exist"):
+        load_experiment(tmp_path / "does-not-exist.yaml")
+
+
+def test_resume_true_is_refused():
+    with pytest.raises(ConfigError, match="checkpoint.resume"):
+        build_experiment({"checkpoint": {"resume": True}})
+
+
+def test_cli_prints_all_problems_and_exits_2(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("optim: {lr: 0}\nrun: {max_step: 3}\n")
+    r = subprocess.run([sys.executable, "-m", "trainer", "train", "--config", str(cfg), "data.num_workrs=1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "3 problem(s)" in r.stderr
+    assert "run.max_step: unknown key; did you mean 'run.max_steps'?" in r.stderr
+    assert "data.num_workrs: unknown key; did you mean 'data.num_workers'?" in r.stderr

@@ -1,0 +1,97 @@
+import dataclasses
+import json
+
+import pytest
+
+from trainer.errors import ConfigError
+from trainer.memory import deepspeed as ds
+from trainer.memory.profiles import PROFILES
+
+FACTS = ds.DSFacts(micro_batch=4, grad_accum=2, world_size=2, grad_clip=1.0, precision="bf16", lr=1e-3,
+                   weight_decay=0.01, betas=(0.9, 0.999), warmup_steps=5, total_steps=100)
+
+
+@pytest.mark.parametrize("name", ds.preset_names())
+def test_every_preset_renders_and_validates(name):
+    raw, _ = ds.load_json(name)
+    cfg = ds.render(raw, dataclasses.replace(FACTS, nvme_path="/tmp/nvme"), source=name)
+    assert cfg["train_batch_size"] == 16
+    assert cfg["bf16"]["enabled"] is True
+    assert ds._find_auto(cfg) == []
+
+
+def test_presets_discovered():
+    assert len(ds.preset_names()) >= 5
+
+
+def test_stage_is_read_from_json_not_the_name(tmp_path):
+    p = tmp_path / "zero3_but_really_2.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    raw, _ = ds.load_json(str(p))
+    assert ds.zero_stage(ds.render(raw, FACTS)) == 2
+
+
+def test_user_json_conflicts_name_both_values(tmp_path):
+    p = tmp_path / "mine.json"
+    p.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 2,
+                             "bf16": {"enabled": False}, "zero_optimization": {"stage": 3},
+                             "optimizer": {"type": "AdamW", "params": {"lr": 5e-5, "weight_decay": "auto"}}}))
+    raw, path = ds.load_json(str(p))
+    with pytest.raises(ConfigError) as e:
+        ds.render(raw, FACTS, source=str(path))
+    text = "\n".join(e.value.issues)
+    assert "train_micro_batch_size_per_gpu is 16 but the experiment gives 4" in text and "data.batch_size" in text
+    assert "bf16.enabled is False but the experiment gives True" in text and "run.precision" in text
+    assert "optimizer.params.lr is 5e-05 but the experiment gives 0.001" in text
+    assert len(e.value.issues) == 3
+    assert str(p) in text
+
+
+def test_user_json_hf_style_autos_are_filled(tmp_path):
+    p = tmp_path / "hf.json"
+    p.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                             "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
+                             "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto",
+                                                                        "eps": 1e-8, "weight_decay": "auto"}},
+                             "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto",
+                                           "warmup_max_lr": "auto", "warmup_num_steps": "auto",
+                                           "total_num_steps": "auto"}},
+                             "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))
+    raw, _ = ds.load_json(str(p))
+    cfg = ds.render(raw, FACTS)
+    assert cfg["optimizer"]["params"]["lr"] == 1e-3
+    assert cfg["scheduler"]["params"]["total_num_steps"] == 100
+    assert cfg["fp16"]["enabled"] is False and cfg["bf16"]["enabled"] is True
+    assert cfg["zero_optimization"]["reduce_bucket_size"] > 0
+
+
+def test_deepspeed_own_parser_rejects_unknown_keys(tmp_path):
+    p = tmp_path / "typo.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_parm": {"device": "cpu"}}}))
+    raw, _ = ds.load_json(str(p))
+    with pytest.raises(ConfigError, match="offload_parm"):
+        ds.render(raw, FACTS, source=str(p))
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="zero3_bf16_offload_all"):
+        ds.resolve_path("zero9")
+
+
+def test_offloaded_optimizer_allows_torch_fused_adam():
+    raw, _ = ds.load_json("zero3_bf16_offload_all")
+    cfg = ds.render(raw, FACTS)
+    assert cfg["zero_force_ds_cpu_optimizer"] is False
+    assert ds.offloads(cfg) == {"param": "cpu", "optimizer": "cpu"}
+
+
+@pytest.mark.parametrize("name", [n for n, p in PROFILES.items() if p.deepspeed])
+def test_profile_presets_exist(name):
+    assert ds.resolve_path(PROFILES[name].deepspeed).is_file()
+
+
+def test_nvme_preset_without_path_names_the_key():
+    raw, _ = ds.load_json("zero3_bf16_nvme")
+    with pytest.raises(ConfigError, match="memory.nvme_path"):
+        ds.render(raw, FACTS)

@@ -1,0 +1,220 @@
+"""The job directory: checkpoints (atomic, resumable, pruned), metrics, the frozen config, exports, signals.
+
+Layout of a job dir:
+    config.yaml                 the resolved experiment, frozen at the first start
+    metrics.jsonl               one JSON object per logged event (train / val), rank 0 only
+    curves.png                  loss and validation metric curves
+    checkpoints/step-000200/    Accelerate `save_state` (+ DeepSpeed shards), progress.json, COMPLETE
+    export/model.safetensors    consolidated weights at the end (gathered from ZeRO-3)
+    logs/                       TensorBoard event files
+
+A checkpoint is written under `step-XXXXXX.tmp`, marked COMPLETE, then renamed; only marked, renamed
+directories are ever resumed, so a save killed half-way is ignored (and cleaned up by the next save).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+CKPT_SUBDIR = "checkpoints"
+MARKER = "COMPLETE"
+PROGRESS_FILE = "progress.json"
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved inside each checkpoint.
+
+    `batch_in_epoch` counts micro-batches this rank consumed in the current epoch (a multiple of
+    `grad_accum` at every checkpoint), so resuming skips exactly the data already seen.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples_seen: int = 0
+    world_size: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Progress":
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise CheckpointError(f"{path}: cannot read training progress ({e}); the checkpoint is damaged") from e
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def checkpoints_dir(job_dir: Path) -> Path:
+    return Path(job_dir) / CKPT_SUBDIR
+
+
+def is_complete(path: Path) -> bool:
+    return bool(_NAME.match(path.name)) and (path / MARKER).is_file() and (path / PROGRESS_FILE).is_file()
+
+
+def list_complete(job_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Unmarked or temporary directories are skipped."""
+    root = checkpoints_dir(job_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir():
+            if is_complete(p):
+                found.append((int(m.group(1)), p))
+            else:
+                log.warning("skipping incomplete checkpoint %s (no %s marker)", p, MARKER)
+    return [p for _, p in sorted(found)]
+
+
+def find_resume(job_dir: Path, resume: bool | str) -> Path | None:
+    """`resume: false` → None (refuses a job dir that already holds checkpoints: nothing is overwritten);
+    `auto` → newest complete checkpoint or None; a path → that checkpoint, which must be complete."""
+    if resume is False:
+        existing = list_complete(job_dir)
+        if existing:
+            raise CheckpointError(
+                f"{job_dir} already holds {len(existing)} checkpoint(s) (newest {existing[-1].name}) and "
+                "checkpoint.resume is false: set checkpoint.resume=auto to continue, or choose a new checkpoint.dir")
+        return None
+    if resume == "auto":
+        done = list_complete(job_dir)
+        return done[-1] if done else None
+    path = Path(str(resume))
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume: {path} does not exist; give a step-XXXXXX directory or 'auto'")
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker or "
+                              f"{PROGRESS_FILE}); it was probably interrupted while saving: use an older one")
+    return path
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(accelerator, job_dir: Path, progress: Progress, keep_last: int) -> Path:
+    """Collective: every rank must call it. Returns the final directory."""
+    root = checkpoints_dir(job_dir)
+    final = root / checkpoint_name(progress.step)
+    tmp = root / f"{final.name}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save that was killed: never trusted, so safe to drop
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_write(tmp / PROGRESS_FILE, progress.to_json())
+        _fsync_write(tmp / MARKER, f"{final.name}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune(job_dir, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> Progress:
+    """Collective. Restores model, optimizer, scheduler, RNG of every rank; returns the saved progress."""
+    progress = Progress.from_file(path / PROGRESS_FILE)
+    if progress.world_size != accelerator.num_processes:
+        raise CheckpointError(
+            f"{path} was written by {progress.world_size} process(es) but this run has {accelerator.num_processes}: "
+            "resume with the same number of processes, or convert it with `terrascale universal` (DeepSpeed "
+            "universal checkpoint) first")
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load checkpoint ({e})") from e
+    return progress
+
+
+def prune(job_dir: Path, keep_last: int) -> list[Path]:
+    done = list_complete(job_dir)
+    removed = done[:-keep_last] if keep_last > 0 else []
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def export_weights(accelerator, model, out_dir: Path, metadata: dict[str, Any] | None = None) -> Path | None:
+    """Collective (ZeRO-3 gathers the shards on every rank). Writes `model.safetensors` on rank 0."""
+    from safetensors.torch import save_file
+
+    state = accelerator.get_state_dict(model)
+    path = out_dir / "model.safetensors"
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    return path if accelerator.is_main_process else None
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask for a stop at the next step boundary (after a checkpoint); a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("received %s: will save a checkpoint and stop at the next step boundary",
+                    signal.Signals(signum).name)
+
+    def agreed(self, accelerator) -> bool:
+        """True on every rank if any rank was signalled. A collective: costs one tiny all-reduce per step."""
+        import torch
+
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)

@@ -1,0 +1,277 @@
+"""The experiment config: typed, closed (unknown keys are errors), loaded from YAML plus dotted overrides.
+
+Every problem found in a file is collected and raised once as a `ConfigError`, each message naming the
+dotted key and the fix; an unknown key suggests the nearest valid one.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer.errors import ConfigError
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelConfig(_Closed):
+    """What TerraTorch's `EncoderDecoderFactory.build_model` receives (backbone → necks → decoder → head)."""
+
+    backbone: str = "prithvi_eo_tiny"
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained_path: str | None = None
+    necks: list[dict[str, Any]] = Field(default_factory=list)
+    decoder: str = "UNetDecoder"
+    decoder_kwargs: dict[str, Any] = Field(default_factory=dict)
+    head_kwargs: dict[str, Any] = Field(default_factory=dict)
+    freeze_backbone: bool = False
+
+
+class TaskConfig(_Closed):
+    name: Literal["segmentation", "regression", "change_detection"] = "segmentation"
+    num_classes: int = Field(2, ge=1)
+    # TerraTorch's losses crash on ignore_index=None: keep an integer that never occurs as a class.
+    ignore_index: int = -1
+    loss: Literal["ce", "dice", "ce_dice", "focal", "mse", "l1", "huber"] = "ce"
+    class_weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _weights_match_classes(self) -> "TaskConfig":
+        if self.class_weights is not None and len(self.class_weights) != self.num_classes:
+            raise ValueError(
+                f"task.class_weights has {len(self.class_weights)} entries but task.num_classes is "
+                f"{self.num_classes}: give one weight per class"
+            )
+        return self
+
+
+class SyntheticConfig(_Closed):
+    """A generated dataset, written once into `data.root` when that folder has no tiles yet."""
+
+    n_train: int = Field(64, ge=1)
+    n_val: int = Field(16, ge=1)
+    tile_size: int = Field(64, ge=16)
+    num_bands: int = Field(6, ge=1)
+    seed: int = 0
+
+
+class TerraTorchDataConfig(_Closed):
+    """A TerraTorch datamodule given as in a `terratorch fit` config (class_path + init_args)."""
+
+    class_path: str
+    init_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Closed):
+    kind: Literal["geotiff", "synthetic", "terratorch"] = "synthetic"
+    root: str = "data/synthetic"
+    train_images: str = "train/images/*.tif"
+    train_labels: str = "train/labels/*.tif"
+    val_images: str = "val/images/*.tif"
+    val_labels: str = "val/labels/*.tif"
+    # 1-based band indices as rasterio counts them; None = all bands of the tile.
+    bands: list[int] | None = None
+    # JSON with per-band "mean"/"std"; computed from the training tiles when the file is absent.
+    stats: str | None = None
+    nodata: float | None = None
+    flips: bool = True
+    batch_size: int = Field(8, ge=1)
+    num_workers: int = Field(0, ge=0)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    terratorch: TerraTorchDataConfig | None = None
+
+    @model_validator(mode="after")
+    def _terratorch_needs_module(self) -> "DataConfig":
+        if self.kind == "terratorch" and self.terratorch is None:
+            raise ValueError("data.kind is 'terratorch' but data.terratorch is missing: give class_path and init_args")
+        return self
+
+
+class OptimConfig(_Closed):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+
+
+class SchedulerConfig(_Closed):
+    name: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class MemoryConfig(_Closed):
+    """How the model is fitted in memory. `profile` names a bundle (see trainer.memory.profiles);
+    `deepspeed` is a preset name from ds_configs/ or a path to the user's own DeepSpeed JSON."""
+
+    profile: str = "full"
+    deepspeed: str | None = None
+    # Where ZeRO-Infinity (profile zero3_nvme) swaps parameters and optimizer states: a fast local NVMe dir.
+    nvme_path: str | None = None
+
+
+class RunConfig(_Closed):
+    max_steps: int | None = Field(200, ge=1)
+    max_epochs: int | None = Field(None, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    seed: int = 0
+    # auto: the profile's dtype on a GPU, fp32 on CPU (bf16 is ~10x slower than fp32 on CPUs like ours).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _needs_a_length(self) -> "RunConfig":
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("set run.max_steps or run.max_epochs: the run needs a length")
+        return self
+
+
+class CheckpointConfig(_Closed):
+    dir: str = "runs/demo"
+    keep_last: int = Field(3, ge=1)
+    # false: start fresh (refuses a job dir that already has checkpoints); auto: newest complete one; or a path.
+    resume: bool | str = "auto"
+    export: bool = True
+
+    @model_validator(mode="after")
+    def _resume_value(self) -> "CheckpointConfig":
+        if self.resume is True:
+            raise ValueError("checkpoint.resume: use 'auto', false, or a checkpoint path (true is ambiguous)")
+        return self
+
+
+class Experiment(_Closed):
+    name: str = "experiment"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @property
+    def job_dir(self) -> Path:
+        return Path(self.checkpoint.dir)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, overrides, error reporting
+
+
+def _parse_scalar(text: str) -> Any:
+    """`key=value` overrides are YAML scalars: 3e-4, true, null, [1,2] and 'auto' all mean what they say."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested dict (new dict; input untouched)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: write it as key=value, e.g. optim.lr=3e-4")
+            continue
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[p] = nxt
+            node = nxt
+        node[parts[-1]] = _parse_scalar(value)
+    if problems:
+        raise ConfigError(problems, source="command line")
+    return out
+
+
+def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """Valid field names of the section that `path` (the parent of an unknown key) points at."""
+    cls: Any = model
+    for part in path:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return []
+        ann = cls.model_fields[part].annotation
+        args = getattr(ann, "__args__", ())
+        cls = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    return []
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] = None) -> list[str]:
+    model = model or Experiment
+    issues = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(model, loc[:-1])
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), near[0]])}'?" if near else (
+                f"valid keys here: {', '.join(valid)}" if valid else "remove it")
+            issues.append(f"{key}: unknown key; {hint}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            issues.append(f"{key}: {msg}{got_s}")
+    return issues
+
+
+def build_experiment(raw: dict[str, Any], source: str | None = None) -> Experiment:
+    try:
+        return Experiment.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e), source=source) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist: check the --config path"], source=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path} is not valid YAML: {e}"], source=str(path)) from e
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path} must hold a mapping of sections (model:, data:, ...)"], source=str(path))
+    return raw
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Experiment:
+    """Read a terrascale YAML, or a `terratorch fit` (LightningCLI) YAML, apply overrides, validate."""
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    overrides = list(overrides or [])
+    from trainer.terratorch_compat import is_lightning_config, from_lightning_config
+
+    if is_lightning_config(raw):
+        raw = from_lightning_config(raw, source=str(path))
+    raw = apply_overrides(raw, overrides)
+    return build_experiment(raw, source=str(path) if path else "defaults")
+
+
+def dump_experiment(exp: Experiment) -> str:
+    return yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)
+
+
+# The experiment `terrascale train` runs when no --config is given.
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "launch" / "configs" / "demo.yaml"

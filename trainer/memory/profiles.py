@@ -1,0 +1,84 @@
+"""Named memory profiles: one config key (`memory.profile`) turns on what a backbone needs to fit.
+
+A profile is a frozen description; `trainer.models` applies it (quantize → LoRA → checkpointing) and
+`trainer.run` hands its DeepSpeed preset to Accelerate. Each can be adjusted from the config
+(`memory.lora.rank=32`, `memory.grad_checkpointing=false`, `memory.deepspeed=my.json`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trainer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # None: the backbone family's own list (`lora_target_modules` on our wrappers, or the defaults below).
+    target_modules: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    summary: str
+    when: str
+    deepspeed: str | None = None  # preset in ds_configs/
+    dtype: str = "bf16"  # compute dtype on a GPU; CPU runs use fp32 unless run.precision says otherwise
+    quantization: str = "none"  # none | nf4 | int8
+    lora: LoraSettings | None = None
+    grad_checkpointing: bool = False
+    # Parts that stay trainable besides LoRA adapters when LoRA is on.
+    trainable: tuple[str, ...] = ("decoder", "neck", "head", "aux_heads")
+    cpu_verified: str = ""
+    gpu_only: str = ""
+
+
+_LORA = LoraSettings()
+
+PROFILES: dict[str, Profile] = {p.name: p for p in [
+    Profile("full", "all weights trainable, mixed precision, no ZeRO", "the model, gradients and Adam states fit "
+            "on one GPU (Prithvi/TerraMind up to ~300M on 24 GB)",
+            cpu_verified="trains, checkpoints, resumes (fp32)", gpu_only="bf16 autocast speed"),
+    Profile("zero2", "ZeRO-2: optimizer states and gradients sharded across GPUs", "several GPUs, model fits on each",
+            deepspeed="zero2_bf16", cpu_verified="1 and 2 processes, gloo", gpu_only="NCCL overlap"),
+    Profile("zero3", "ZeRO-3: parameters, gradients and optimizer states sharded", "several GPUs, model too big for one",
+            deepspeed="zero3_bf16", grad_checkpointing=True, cpu_verified="1 and 2 processes, gloo"),
+    Profile("zero3_offload_optimizer", "ZeRO-3 with Adam states and the fp32 master copy on CPU RAM",
+            "weights+grads fit in GPU memory, Adam states do not", deepspeed="zero3_bf16_offload_optimizer",
+            grad_checkpointing=True, cpu_verified="1 and 2 processes", gpu_only="PCIe transfer time"),
+    Profile("zero3_offload", "ZeRO-3 with parameters and optimizer states on CPU RAM, streamed per layer",
+            "full fine-tuning of a model far larger than GPU memory, enough CPU RAM",
+            deepspeed="zero3_bf16_offload_all", grad_checkpointing=True, cpu_verified="1 and 2 processes",
+            gpu_only="PCIe transfer time, pinned memory"),
+    Profile("zero3_nvme", "ZeRO-Infinity: parameters and optimizer states on an NVMe path (async io)",
+            "CPU RAM is too small for the offloaded states", deepspeed="zero3_bf16_nvme", grad_checkpointing=True,
+            cpu_verified="where DeepSpeed's async_io op builds", gpu_only="NVMe bandwidth"),
+    Profile("lora", "frozen bf16 backbone, LoRA adapters + decoder/head trainable", "backbone weights fit in "
+            "GPU memory in bf16, its gradients and Adam states do not", lora=_LORA, grad_checkpointing=True,
+            cpu_verified="trains, adapter export, merge"),
+    Profile("qlora", "backbone linears in 4-bit NF4 (double quant, bf16 compute), LoRA on top",
+            "backbone does not fit in bf16; single GPU", quantization="nf4", lora=_LORA, grad_checkpointing=True,
+            cpu_verified="bitsandbytes CPU backend: NF4 forward/backward", gpu_only="CUDA NF4 kernels, speed"),
+    Profile("zero3_offload_lora", "bf16 backbone streamed from CPU by ZeRO-3, LoRA trainable",
+            "26-40B backbones on one 24 GB GPU with LoRA", deepspeed="zero3_bf16_offload_all", lora=_LORA,
+            grad_checkpointing=True, cpu_verified="1 and 2 processes", gpu_only="PCIe transfer time"),
+    Profile("auto", "chosen by the planner: the fastest profile that fits the GPU", "you do not know which fits",
+            cpu_verified="chooses and trains"),
+]}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        import difflib
+
+        near = difflib.get_close_matches(name, PROFILES, n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ConfigError([f"memory.profile: unknown profile {name!r}; {hint}choose one of {', '.join(PROFILES)}"])
+    return PROFILES[name]
+
+
+def profile_names() -> list[str]:
+    return list(PROFILES)

@@ -1,0 +1,225 @@
+"""main(experiment): plan → accelerator → build → resume → loop → export."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.checkpoint import (Progress, StopRequest, export_weights, find_resume, load_checkpoint,
+                                save_checkpoint)
+from trainer.config import Experiment, dump_experiment
+from trainer.errors import ConfigError
+from trainer.memory import deepspeed as ds
+from trainer.memory.profiles import Profile, get_profile
+from trainer.report import MetricsLog, plot_curves
+
+log = logging.getLogger("terrascale")
+
+PRIMARY_METRIC = {"segmentation": "miou", "change_detection": "f1", "regression": "rmse"}
+
+
+def resolve_precision(exp: Experiment, profile: Profile, has_cuda: bool) -> str:
+    if exp.run.precision != "auto":
+        return exp.run.precision
+    # bf16 on this class of CPU is ~10x slower than fp32: CPU runs default to fp32.
+    return profile.dtype if has_cuda else "fp32"
+
+
+def _ds_config(exp: Experiment, profile: Profile, precision: str, world_size: int, total: int) -> dict | None:
+    name = exp.memory.deepspeed or profile.deepspeed
+    if name is None:
+        return None
+    raw, path = ds.load_json(name)
+    facts = ds.DSFacts(micro_batch=exp.data.batch_size, grad_accum=exp.run.grad_accum, world_size=world_size,
+                       grad_clip=exp.run.grad_clip, precision=precision, lr=exp.optim.lr,
+                       weight_decay=exp.optim.weight_decay, betas=tuple(exp.optim.betas),
+                       warmup_steps=exp.scheduler.warmup_steps, total_steps=total,
+                       nvme_path=exp.memory.nvme_path)
+    return ds.render(raw, facts, source=str(path))
+
+
+def make_accelerator(exp: Experiment, ds_config: dict | None, precision: str):
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    from trainer.runtime import cuda_available
+
+    kwargs: dict[str, Any] = dict(
+        gradient_accumulation_steps=exp.run.grad_accum, log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(exp.job_dir), logging_dir=str(exp.job_dir / "logs")))
+    if ds_config is not None:
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config,
+                                                     gradient_accumulation_steps=exp.run.grad_accum)
+        if not cuda_available():
+            # Without this every rank believes it is rank 0 of 1 under DeepSpeed on a CPU-only host.
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    else:
+        kwargs["mixed_precision"] = {"fp32": "no"}.get(precision, precision)
+        kwargs["cpu"] = not cuda_available()
+    return Accelerator(**kwargs)
+
+
+def build_optimizer(exp: Experiment, params, ds_config: dict | None):
+    o = exp.optim
+    if ds_config is not None and "optimizer" in ds_config:
+        from accelerate.utils import DummyOptim
+
+        return DummyOptim(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    # fused: one kernel per step instead of a loop over tensors; on CPU as fast as DeepSpeedCPUAdam.
+    return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
+
+
+def build_scheduler(exp: Experiment, optimizer, total: int, ds_config: dict | None):
+    if ds_config is not None and "scheduler" in ds_config:
+        from accelerate.utils import DummyScheduler
+
+        return DummyScheduler(optimizer, total_num_steps=total, warmup_num_steps=exp.scheduler.warmup_steps), True
+    s = exp.scheduler
+
+    def factor(step: int) -> float:
+        if step < s.warmup_steps:
+            return (step + 1) / (s.warmup_steps + 1)
+        if s.name == "constant":
+            return 1.0
+        frac = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if s.name == "cosine" else 1 - frac
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), False
+
+
+def freeze_config(exp: Experiment, job_dir: Path) -> None:
+    """Write the resolved config beside the run; on resume, keep the original and note differences."""
+    path = job_dir / "config.yaml"
+    text = dump_experiment(exp)
+    if not path.exists():
+        path.write_text(text)
+    elif path.read_text() != text:
+        path.with_name("config.resumed.yaml").write_text(text)
+        log.warning("the config differs from the one this job started with (%s); the new one is saved as %s",
+                    path, path.with_name("config.resumed.yaml"))
+
+
+def main(exp: Experiment) -> int:
+    from trainer.runtime import cuda_available, prepare_environment, setup_logging
+
+    prepare_environment()
+    profile = get_profile(exp.memory.profile)
+    if profile.name == "auto":
+        raise ConfigError(["memory.profile: 'auto' needs the planner, which is not built yet; name a profile"])
+    from trainer.data import build_datasets
+    from trainer.loop import EpochSampler, LoopParts, steps_per_epoch, total_steps, train
+    from trainer.models import build_model
+    from trainer.tasks import MetricSuite, build_loss, postprocess
+    from accelerate.utils import set_seed
+
+    has_cuda = cuda_available()
+    precision = resolve_precision(exp, profile, has_cuda)
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Total steps are needed by the DeepSpeed scheduler before the datasets exist: compute them from data size.
+    job_dir = exp.job_dir
+    resume_from = find_resume(job_dir, exp.checkpoint.resume)
+
+    # The accelerator needs the rendered DeepSpeed config, whose scheduler may need the total steps, which need
+    # the dataset length: build datasets first (cheap: reads file lists), on the main process first.
+    train_ds, val_ds = build_datasets(exp)  # idempotent and safe to run on every rank at once
+    per_epoch = steps_per_epoch(len(train_ds), exp.data.batch_size, world, exp.run.grad_accum)
+    if per_epoch < 1:
+        raise ConfigError([f"data: {len(train_ds)} training tiles are fewer than one step needs (data.batch_size "
+                           f"{exp.data.batch_size} × run.grad_accum {exp.run.grad_accum} × {world} process(es)); "
+                           "add tiles or lower data.batch_size"])
+    total = total_steps(exp.run, per_epoch)
+    ds_config = _ds_config(exp, profile, precision, world, total)
+    accelerator = make_accelerator(exp, ds_config, precision)
+    setup_logging(accelerator.is_main_process)
+    if accelerator.is_main_process:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        freeze_config(exp, job_dir)
+    log.info("job %s: profile %s, precision %s, %s, %d process(es), %d steps (%d per epoch)", job_dir,
+             profile.name, precision, f"DeepSpeed ZeRO-{ds.zero_stage(ds_config)}" if ds_config else "no DeepSpeed",
+             accelerator.num_processes, total, per_epoch)
+
+    set_seed(exp.run.seed)
+    model = build_model(exp)
+    if ds_config is not None and precision == "bf16":
+        model = model.to(torch.bfloat16)  # DeepSpeed does not cast fp32 buffers (Prithvi pos_embed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(exp, params, ds_config)
+    scheduler, scheduler_in_engine = build_scheduler(exp, optimizer, total, ds_config)
+
+    sampler = EpochSampler(len(train_ds), per_epoch * exp.run.grad_accum * exp.data.batch_size * world,
+                           seed=exp.run.seed)
+    loader_kw = dict(batch_size=exp.data.batch_size, num_workers=exp.data.num_workers,
+                     persistent_workers=False, pin_memory=has_cuda)
+    train_loader = torch.utils.data.DataLoader(train_ds, sampler=sampler, drop_last=True, **loader_kw)
+    val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_kw)
+    if scheduler_in_engine:
+        model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, val_loader, scheduler)
+    else:
+        model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+        accelerator.register_for_checkpointing(scheduler)
+
+    metrics_log = MetricsLog(job_dir / "metrics.jsonl", accelerator.is_main_process)
+    progress = Progress(world_size=accelerator.num_processes)
+    if resume_from is not None:
+        progress = load_checkpoint(accelerator, resume_from)
+        metrics_log.truncate_after(progress.step)
+        log.info("resumed from %s at step %d (epoch %d)", resume_from, progress.step, progress.epoch)
+    accelerator.init_trackers(exp.name)
+
+    primary = PRIMARY_METRIC[exp.task.name]
+
+    def on_log(record: dict) -> None:
+        metrics_log.append(record)
+        accelerator.log({f"{record['split']}/{k}": v for k, v in record.items()
+                         if isinstance(v, (int, float)) and k not in ("step", "split")}, step=record["step"])
+
+    def on_checkpoint(p: Progress) -> None:
+        path = save_checkpoint(accelerator, job_dir, p, exp.checkpoint.keep_last)
+        log.info("checkpoint %s", path)
+        if accelerator.is_main_process:
+            plot_curves(metrics_log.read(), job_dir / "curves.png", primary)
+
+    stop = StopRequest().install()
+    parts = LoopParts(
+        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+        scheduler_in_engine=scheduler_in_engine, train_loader=train_loader, val_loader=val_loader, sampler=sampler,
+        train_dataset=train_ds, loss_fn=build_loss(exp.task), metrics=MetricSuite(exp.task),
+        postprocess=lambda raw: postprocess(exp.task, raw),
+        input_dtype=torch.bfloat16 if (ds_config is not None and precision == "bf16") else torch.float32,
+        run=exp.run, per_epoch=per_epoch, total=total, on_log=on_log, on_checkpoint=on_checkpoint, stop=stop,
+        primary_metric=primary)
+    try:
+        progress, stopped = train(parts, progress)
+    finally:
+        stop.uninstall()
+    if stopped:
+        log.warning("stopped at step %d on request; checkpoint saved. Re-run the same command to continue.",
+                    progress.step)
+    elif exp.checkpoint.export:
+        path = export_weights(accelerator, model, job_dir / "export",
+                              metadata={"backbone": exp.model.backbone, "step": progress.step, "task": exp.task.name})
+        if path:
+            (job_dir / "export" / "config.yaml").write_text(dump_experiment(exp))
+            log.info("exported consolidated weights to %s", path)
+    _shutdown(accelerator)
+    return 0
+
+
+def _shutdown(accelerator) -> None:
+    """Without a final barrier + destroy, rank 0 of a gloo job can exit 1 while others still talk."""
+    import torch.distributed as dist
+
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

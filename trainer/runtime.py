@@ -1,0 +1,52 @@
+"""Process environment that must be right before DeepSpeed or Accelerate are imported.
+
+- No CUDA: DeepSpeed must use its CPU accelerator (`DS_ACCELERATOR=cpu`) and gloo.
+- DeepSpeed JIT-compiles ops on first use (30-60 s each): cache them in a folder the venv owns.
+- A plain `python launch/train.py` (no launcher) still needs the torch.distributed variables.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import warnings
+from pathlib import Path
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_environment() -> None:
+    if not cuda_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    # Single process without a launcher: DeepSpeed otherwise looks for MPI.
+    if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+
+
+def quiet_libraries() -> None:
+    """Third-party deprecation chatter buries our own messages; real errors still surface."""
+    for name in ("deepspeed", "DeepSpeed", "torch.distributed", "terratorch", "timm", "rasterio",
+                 "accelerate", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|terratorch|timm|deepspeed|accelerate)")
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    quiet_libraries()
