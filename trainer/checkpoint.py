@@ -161,31 +161,6 @@ def prune(job_dir: Path, keep_last: int) -> list[Path]:
     return removed
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def export_weights(accelerator, model, out_dir: Path, metadata: dict[str, Any] | None = None) -> Path | None:
-    """Collective (ZeRO-3 gathers the shards on every rank). Writes `model.safetensors` on rank 0."""
-    from safetensors.torch import save_file
-
-    state = accelerator.get_state_dict(model)
-    path = out_dir / "model.safetensors"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    accelerator.wait_for_everyone()
-    return path if accelerator.is_main_process else None
-
-
 class StopRequest:
     """SIGTERM/SIGINT ask for a stop at the next step boundary (after a checkpoint); a second SIGINT aborts."""
 

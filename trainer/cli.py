@@ -28,6 +28,21 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trainer import bench
+    from trainer.config import DEMO_CONFIG, load_experiment
+
+    exp = load_experiment(args.config or DEMO_CONFIG, args.overrides)
+    out = Path(args.out) / f"{args.what}.json"
+    if args.what == "overhead":
+        r = bench.overhead(exp, steps=args.steps, rounds=args.rounds, warmup=args.warmup, out=out)
+        print(f"loop overhead: ours {r['ours_median_s']:.3f} s vs plain Accelerate {r['plain_median_s']:.3f} s "
+              f"for {args.steps} steps -> {r['ratio']:.3f}x (target <= 1.05x); written to {out}")
+    return 0
+
+
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", "-c", required=required, help="experiment YAML (terrascale or `terratorch fit` format)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides applied after the file")
@@ -50,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(s)
     s.add_argument("--force", action="store_true", help="recompute even if the stats file exists")
     s.set_defaults(func=_stats)
+    b = sub.add_parser("bench", help="benchmarks; results are written to files under --out",
+                       description="overhead: our loop vs a plain hand-written Accelerate loop on the same model "
+                       "and data, interleaved in one process; writes the ratio (target <= 1.05x).",
+                       epilog=EPILOG_OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("what", choices=["overhead"], help="which benchmark")
+    _add_config(b, required=False)
+    b.add_argument("--steps", type=int, default=30, help="training steps per timed round (default 30)")
+    b.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are compared (default 5)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps per loop (default 5)")
+    b.add_argument("--out", default="bench_results", help="results folder (default bench_results/)")
+    b.set_defaults(func=_bench)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return parser

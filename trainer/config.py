@@ -106,6 +106,15 @@ class SchedulerConfig(_Closed):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
+class LoraConfig(_Closed):
+    """Overrides of the profile's LoRA settings; unset keys keep the profile's values."""
+
+    rank: int | None = Field(None, ge=1)
+    alpha: int | None = Field(None, ge=1)
+    dropout: float | None = Field(None, ge=0, lt=1)
+    target_modules: list[str] | None = None
+
+
 class MemoryConfig(_Closed):
     """How the model is fitted in memory. `profile` names a bundle (see trainer.memory.profiles);
     `deepspeed` is a preset name from ds_configs/ or a path to the user's own DeepSpeed JSON."""
@@ -114,6 +123,12 @@ class MemoryConfig(_Closed):
     deepspeed: str | None = None
     # Where ZeRO-Infinity (profile zero3_nvme) swaps parameters and optimizer states: a fast local NVMe dir.
     nvme_path: str | None = None
+    # Per-experiment adjustments of the profile (None keeps the profile's choice).
+    grad_checkpointing: bool | None = None
+    quantization: Literal["none", "nf4", "int8"] | None = None
+    lora: LoraConfig | None = None
+    # GPU memory budget for `profile: auto` when no GPU can be asked (e.g. "24GiB"); a GPU is measured.
+    gpu_memory: str | None = None
 
 
 class RunConfig(_Closed):
@@ -128,6 +143,9 @@ class RunConfig(_Closed):
     # auto: the profile's dtype on a GPU, fp32 on CPU (bf16 is ~10x slower than fp32 on CPUs like ours).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     progress: bool = True
+    # Stop cleanly (checkpoint saved) once this step is reached; re-running continues. For time-boxed
+    # allocations (a SLURM slot, a shared workstation overnight) and for testing resume.
+    stop_at_step: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _needs_a_length(self) -> "RunConfig":

@@ -79,6 +79,7 @@ class LoopParts:
     on_checkpoint: Callable[[Progress], None]
     stop: StopRequest = field(default_factory=StopRequest)
     primary_metric: str = "loss"
+    final_eval: bool = True  # evaluate (and checkpoint) at the last step, whatever the intervals
 
 
 def _forward(parts: LoopParts, batch: dict) -> torch.Tensor:
@@ -156,14 +157,16 @@ def train(parts: LoopParts, progress: Progress) -> tuple[Progress, bool]:
                 t_last, samples_last = now, progress.samples_seen
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 parts.on_log(record)
-            if progress.step % run.eval_every == 0 or progress.step == parts.total:
+            last = progress.step == parts.total and parts.final_eval
+            if progress.step % run.eval_every == 0 or last:
                 metrics = evaluate(parts)
                 parts.on_log({"split": "val", "step": progress.step, "epoch": progress.epoch, **metrics})
                 bar.write(f"step {progress.step}: val " + ", ".join(
                     f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith(("f1_class", "precision_",
                                                                                     "recall_"))))
-            stopped = parts.stop.agreed(acc)
-            if progress.step % run.checkpoint_every == 0 or progress.step == parts.total or stopped:
+            stopped = parts.stop.agreed(acc) or (run.stop_at_step is not None and progress.step >= run.stop_at_step
+                                                  and progress.step < parts.total)
+            if progress.step % run.checkpoint_every == 0 or last or stopped:
                 parts.on_checkpoint(progress)
             if stopped:
                 break

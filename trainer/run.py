@@ -3,21 +3,24 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.checkpoint import (Progress, StopRequest, export_weights, find_resume, load_checkpoint,
-                                save_checkpoint)
+from trainer.checkpoint import Progress, StopRequest, find_resume, load_checkpoint, save_checkpoint
 from trainer.config import Experiment, dump_experiment
 from trainer.errors import ConfigError
+from trainer.export import export_job
 from trainer.memory import deepspeed as ds
-from trainer.memory.profiles import Profile, get_profile
+from trainer.memory.profiles import Profile, check_combination, resolve_profile
 from trainer.report import MetricsLog, plot_curves
 
 log = logging.getLogger("terrascale")
 
+COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRIMARY_METRIC = {"segmentation": "miou", "change_detection": "f1", "regression": "rmse"}
 
 
@@ -29,7 +32,7 @@ def resolve_precision(exp: Experiment, profile: Profile, has_cuda: bool) -> str:
 
 
 def _ds_config(exp: Experiment, profile: Profile, precision: str, world_size: int, total: int) -> dict | None:
-    name = exp.memory.deepspeed or profile.deepspeed
+    name = profile.deepspeed
     if name is None:
         return None
     raw, path = ds.load_json(name)
@@ -106,31 +109,57 @@ def freeze_config(exp: Experiment, job_dir: Path) -> None:
                     path, path.with_name("config.resumed.yaml"))
 
 
-def main(exp: Experiment) -> int:
-    from trainer.runtime import cuda_available, prepare_environment, setup_logging
+@dataclass
+class Job:
+    """An experiment made ready to train: everything prepared by Accelerate, nothing trained yet."""
 
-    prepare_environment()
-    profile = get_profile(exp.memory.profile)
-    if profile.name == "auto":
-        raise ConfigError(["memory.profile: 'auto' needs the planner, which is not built yet; name a profile"])
-    from trainer.data import build_datasets
-    from trainer.loop import EpochSampler, LoopParts, steps_per_epoch, total_steps, train
-    from trainer.models import build_model
-    from trainer.tasks import MetricSuite, build_loss, postprocess
+    exp: Experiment
+    profile: Profile
+    precision: str
+    ds_config: dict | None
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    scheduler_in_engine: bool
+    train_loader: Any
+    val_loader: Any
+    sampler: Any
+    train_ds: Any
+    val_ds: Any
+    per_epoch: int
+    total: int
+
+    @property
+    def zero_stage(self) -> int:
+        return ds.zero_stage(self.ds_config) if self.ds_config else 0
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if (self.ds_config is not None and self.precision == "bf16") else torch.float32
+
+
+def setup(exp: Experiment) -> Job:
+    """Profile → datasets → DeepSpeed config → Accelerator → model/optimizer/scheduler/loaders, prepared."""
     from accelerate.utils import set_seed
 
+    from trainer.data import build_datasets
+    from trainer.loop import EpochSampler, steps_per_epoch, total_steps
+    from trainer.fitting import apply_profile
+    from trainer.models import build_model
+    from trainer.runtime import cuda_available, prepare_environment, setup_logging
+
+    profile = resolve_profile(exp.memory)
+    if profile.name == "auto":
+        raise ConfigError(["memory.profile: 'auto' needs the planner, which is not built yet; name a profile"])
+    prepare_environment(deepspeed=profile.deepspeed is not None)
     has_cuda = cuda_available()
     precision = resolve_precision(exp, profile, has_cuda)
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    # Total steps are needed by the DeepSpeed scheduler before the datasets exist: compute them from data size.
-    job_dir = exp.job_dir
-    resume_from = find_resume(job_dir, exp.checkpoint.resume)
 
-    # The accelerator needs the rendered DeepSpeed config, whose scheduler may need the total steps, which need
-    # the dataset length: build datasets first (cheap: reads file lists), on the main process first.
-    train_ds, val_ds = build_datasets(exp)  # idempotent and safe to run on every rank at once
+    # The accelerator needs the rendered DeepSpeed config, whose scheduler may need the total steps, which
+    # need the dataset length: datasets come first (cheap: file lists; generation is atomic across ranks).
+    train_ds, val_ds = build_datasets(exp)
     per_epoch = steps_per_epoch(len(train_ds), exp.data.batch_size, world, exp.run.grad_accum)
     if per_epoch < 1:
         raise ConfigError([f"data: {len(train_ds)} training tiles are fewer than one step needs (data.batch_size "
@@ -138,17 +167,16 @@ def main(exp: Experiment) -> int:
                            "add tiles or lower data.batch_size"])
     total = total_steps(exp.run, per_epoch)
     ds_config = _ds_config(exp, profile, precision, world, total)
+    stage = ds.zero_stage(ds_config) if ds_config else 0
+    check_combination(profile, stage, ds.offloads(ds_config) if ds_config else {})
     accelerator = make_accelerator(exp, ds_config, precision)
     setup_logging(accelerator.is_main_process)
-    if accelerator.is_main_process:
-        job_dir.mkdir(parents=True, exist_ok=True)
-        freeze_config(exp, job_dir)
-    log.info("job %s: profile %s, precision %s, %s, %d process(es), %d steps (%d per epoch)", job_dir,
+    log.info("job %s: profile %s, precision %s, %s, %d process(es), %d steps (%d per epoch)", exp.job_dir,
              profile.name, precision, f"DeepSpeed ZeRO-{ds.zero_stage(ds_config)}" if ds_config else "no DeepSpeed",
              accelerator.num_processes, total, per_epoch)
 
     set_seed(exp.run.seed)
-    model = build_model(exp)
+    model = apply_profile(build_model(exp), profile, COMPUTE_DTYPE[precision], stage)
     if ds_config is not None and precision == "bf16":
         model = model.to(torch.bfloat16)  # DeepSpeed does not cast fp32 buffers (Prithvi pos_embed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -157,8 +185,7 @@ def main(exp: Experiment) -> int:
 
     sampler = EpochSampler(len(train_ds), per_epoch * exp.run.grad_accum * exp.data.batch_size * world,
                            seed=exp.run.seed)
-    loader_kw = dict(batch_size=exp.data.batch_size, num_workers=exp.data.num_workers,
-                     persistent_workers=False, pin_memory=has_cuda)
+    loader_kw = dict(batch_size=exp.data.batch_size, num_workers=exp.data.num_workers, pin_memory=has_cuda)
     train_loader = torch.utils.data.DataLoader(train_ds, sampler=sampler, drop_last=True, **loader_kw)
     val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_kw)
     if scheduler_in_engine:
@@ -167,7 +194,34 @@ def main(exp: Experiment) -> int:
     else:
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
         accelerator.register_for_checkpointing(scheduler)
+    return Job(exp, profile, precision, ds_config, accelerator, model, optimizer, scheduler, scheduler_in_engine,
+               train_loader, val_loader, sampler, train_ds, val_ds, per_epoch, total)
 
+
+def loop_parts(job: Job, on_log, on_checkpoint, stop: StopRequest):
+    from trainer.loop import LoopParts
+    from trainer.tasks import MetricSuite, build_loss, postprocess
+
+    task = job.exp.task
+    return LoopParts(
+        accelerator=job.accelerator, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
+        scheduler_in_engine=job.scheduler_in_engine, train_loader=job.train_loader, val_loader=job.val_loader,
+        sampler=job.sampler, train_dataset=job.train_ds, loss_fn=build_loss(task), metrics=MetricSuite(task),
+        postprocess=lambda raw: postprocess(task, raw), input_dtype=job.input_dtype, run=job.exp.run,
+        per_epoch=job.per_epoch, total=job.total, on_log=on_log, on_checkpoint=on_checkpoint, stop=stop,
+        primary_metric=PRIMARY_METRIC[task.name])
+
+
+def main(exp: Experiment) -> int:
+    from trainer.loop import train
+
+    job_dir = exp.job_dir
+    resume_from = find_resume(job_dir, exp.checkpoint.resume)
+    job = setup(exp)
+    accelerator = job.accelerator
+    if accelerator.is_main_process:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        freeze_config(exp, job_dir)
     metrics_log = MetricsLog(job_dir / "metrics.jsonl", accelerator.is_main_process)
     progress = Progress(world_size=accelerator.num_processes)
     if resume_from is not None:
@@ -175,7 +229,6 @@ def main(exp: Experiment) -> int:
         metrics_log.truncate_after(progress.step)
         log.info("resumed from %s at step %d (epoch %d)", resume_from, progress.step, progress.epoch)
     accelerator.init_trackers(exp.name)
-
     primary = PRIMARY_METRIC[exp.task.name]
 
     def on_log(record: dict) -> None:
@@ -190,27 +243,19 @@ def main(exp: Experiment) -> int:
             plot_curves(metrics_log.read(), job_dir / "curves.png", primary)
 
     stop = StopRequest().install()
-    parts = LoopParts(
-        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-        scheduler_in_engine=scheduler_in_engine, train_loader=train_loader, val_loader=val_loader, sampler=sampler,
-        train_dataset=train_ds, loss_fn=build_loss(exp.task), metrics=MetricSuite(exp.task),
-        postprocess=lambda raw: postprocess(exp.task, raw),
-        input_dtype=torch.bfloat16 if (ds_config is not None and precision == "bf16") else torch.float32,
-        run=exp.run, per_epoch=per_epoch, total=total, on_log=on_log, on_checkpoint=on_checkpoint, stop=stop,
-        primary_metric=primary)
     try:
-        progress, stopped = train(parts, progress)
+        progress, stopped = train(loop_parts(job, on_log, on_checkpoint, stop), progress)
     finally:
         stop.uninstall()
     if stopped:
         log.warning("stopped at step %d on request; checkpoint saved. Re-run the same command to continue.",
                     progress.step)
     elif exp.checkpoint.export:
-        path = export_weights(accelerator, model, job_dir / "export",
-                              metadata={"backbone": exp.model.backbone, "step": progress.step, "task": exp.task.name})
-        if path:
-            (job_dir / "export" / "config.yaml").write_text(dump_experiment(exp))
-            log.info("exported consolidated weights to %s", path)
+        out = export_job(accelerator, job.model, exp, job.profile, job.zero_stage, job_dir / "export",
+                         {"backbone": exp.model.backbone, "step": progress.step, "task": exp.task.name,
+                          "profile": job.profile.name})
+        if out:
+            log.info("exported weights to %s (%s)", out, ", ".join(sorted(p.name for p in out.iterdir())))
     _shutdown(accelerator)
     return 0
 

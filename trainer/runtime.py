@@ -26,12 +26,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare_environment() -> None:
+def prepare_environment(deepspeed: bool) -> None:
     if not cuda_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    # Single process without a launcher: DeepSpeed otherwise looks for MPI.
-    if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
+    # Single process without a launcher: DeepSpeed otherwise looks for MPI. Without DeepSpeed these would
+    # only make Accelerate wrap a lone process in DDP, so leave them unset then.
+    if deepspeed and "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
 
@@ -46,7 +47,20 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|terratorch|timm|deepspeed|accelerate)")
 
 
+class _DropHarmlessZero3Warning(logging.Filter):
+    """ZeRO-3 warns that it cannot see tensors inside TerraTorch's `ModelOutput`. The hooks it means fetch a
+    module's *own* parameters before backward; the top-level TerraTorch model owns none (encoder, decoder and
+    head are submodules whose outputs are plain tensors), so nothing is missed. The resume-equality tests under
+    ZeRO-3 would fail if gradients were wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "ModelOutput" not in record.getMessage()
+
+
 def setup_logging(is_main: bool) -> None:
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     quiet_libraries()
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.addFilter(_DropHarmlessZero3Warning())

@@ -6,8 +6,9 @@ A profile is a frozen description; `trainer.models` applies it (quantize → LoR
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
+from trainer.config import MemoryConfig
 from trainer.errors import ConfigError
 
 
@@ -82,3 +83,37 @@ def get_profile(name: str) -> Profile:
 
 def profile_names() -> list[str]:
     return list(PROFILES)
+
+
+def resolve_profile(memory: MemoryConfig) -> Profile:
+    """The named profile with the experiment's adjustments applied (`memory.lora.rank=32`, ...)."""
+    p = get_profile(memory.profile)
+    changes: dict = {}
+    if memory.deepspeed is not None:
+        changes["deepspeed"] = memory.deepspeed
+    if memory.grad_checkpointing is not None:
+        changes["grad_checkpointing"] = memory.grad_checkpointing
+    if memory.quantization is not None:
+        changes["quantization"] = memory.quantization
+    if memory.lora is not None:
+        given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in memory.lora.model_dump().items()
+                 if v is not None}
+        changes["lora"] = replace(p.lora or LoraSettings(), **given)
+    return replace(p, **changes) if changes else p
+
+
+def check_combination(p: Profile, zero_stage: int, offloads: dict[str, str]) -> None:
+    """Refuse the combinations known to be bad, each with the reason. All problems at once."""
+    problems = []
+    if p.quantization != "none" and p.lora is None:
+        problems.append(f"memory.quantization={p.quantization} without LoRA: quantized weights cannot be trained; "
+                        "use profile qlora or set memory.lora.rank")
+    if p.quantization != "none" and zero_stage == 3 and "param" in offloads:
+        problems.append("memory.quantization with ZeRO-3 parameter offload raises GPU memory instead of lowering it "
+                        "(peft's DeepSpeed guide: 4-bit + offload_param is unsupported); use zero3_offload_lora "
+                        "(bf16 weights streamed from CPU) or qlora without DeepSpeed")
+    if p.quantization != "none" and "nvme" in offloads.values():
+        problems.append("memory.quantization with NVMe offload is not supported by bitsandbytes/DeepSpeed; use "
+                        "zero3_nvme without quantization")
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,66 @@
+"""Run the real entry points (`python launch/train.py`, `accelerate launch`) in subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+# A tiny version of the demo: 32x32 tiles, few of them, a handful of steps.
+TINY = [
+    "model.backbone_kwargs.img_size=32", "data.synthetic.n_train=32", "data.synthetic.n_val=8",
+    "data.synthetic.tile_size=32", "data.batch_size=4", "run.max_steps=6", "run.eval_every=3",
+    "run.checkpoint_every=2", "run.log_every=1", "run.progress=false", "scheduler.warmup_steps=2",
+    "checkpoint.keep_last=5",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(overrides: list[str], nproc: int = 1, config: str | Path = ROOT / "launch/configs/demo.yaml",
+              script: str = "launch/train.py") -> list[str]:
+    if nproc == 1:
+        return [sys.executable, str(ROOT / script), "--config", str(config), *overrides]
+    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            str(ROOT / script), "--config", str(config), *overrides]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.setdefault("DS_ACCELERATOR", "cpu")
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    e["PYTHONUNBUFFERED"] = "1"
+    e["OMP_NUM_THREADS"] = "1"  # two ranks on two cores: avoid oversubscription
+    return e
+
+
+def run_train(overrides: list[str], nproc: int = 1, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(train_cmd(overrides, nproc, **kw), cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=timeout)
+    return r
+
+
+def check(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, f"exit {r.returncode}\nSTDOUT:\n{r.stdout[-4000:]}\nSTDERR:\n{r.stderr[-8000:]}"
+    return r
+
+
+def metrics(job: Path, split: str = "train") -> list[dict]:
+    lines = (job / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def load_export(job: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(job / "export" / "model.safetensors"))
