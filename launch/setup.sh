@@ -19,6 +19,29 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
   echo "$want" > "$stamp"
 fi
-# DeepSpeed JIT-compiles its CPU ops on first use; keep them in a folder the venv owns.
-mkdir -p .venv/torch_extensions
-echo "[setup] ready: $(.venv/bin/python -c 'import torch, deepspeed, terratorch; print("torch", torch.__version__, "| deepspeed", deepspeed.__version__, "| terratorch", terratorch.__version__)' 2>/dev/null | tail -1)"
+# ZeRO-Infinity (profile zero3_nvme) needs DeepSpeed's async_io op, which needs libaio. Optional: without it
+# every other profile works and zero3_nvme says why it cannot run.
+if [ ! -e /usr/include/libaio.h ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing libaio-dev for NVMe offload"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev) >/dev/null 2>&1 \
+    || echo "[setup] libaio-dev could not be installed: profile zero3_nvme will be unavailable"
+fi
+# DeepSpeed JIT-compiles its CPU ops on first use (30-120 s each); build them once into a folder the venv owns.
+export TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions" DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+mkdir -p "$TORCH_EXTENSIONS_DIR"
+if [ ! -f .venv/.ds-ops-built ]; then
+  echo "[setup] building DeepSpeed CPU ops once (shm_comm, async_io; ~2-3 min)"
+  .venv/bin/python - <<'PY' 2>&1 | grep -E "^\[ops\]" || true
+from deepspeed.ops.op_builder import AsyncIOBuilder
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+for builder in (ShareMemCommBuilder(), AsyncIOBuilder()):
+    if builder.is_compatible(verbose=False):
+        builder.load(verbose=False)
+        print(f"[ops] built {builder.name}")
+    else:
+        print(f"[ops] {builder.name} not buildable here (skipped)")
+PY
+  touch .venv/.ds-ops-built
+fi
+echo "[setup] ready: $(.venv/bin/python -c 'from importlib.metadata import version as v; print(" | ".join(f"{p} {v(p)}" for p in ("torch", "deepspeed", "accelerate", "terratorch")))')"

@@ -22,10 +22,8 @@ _FACTORY_TASK = {"segmentation": "segmentation", "change_detection": "segmentati
 
 def _register_ours() -> set[str]:
     """Register terrascale's backbones into TerraTorch's registry; returns their names."""
-    try:
-        from trainer.backbones import register_all
-    except ImportError:  # the backbones package is optional until it is installed with the project
-        return set()
+    from trainer.backbones import register_all
+
     return set(register_all())
 
 

@@ -169,6 +169,8 @@ def setup(exp: Experiment) -> Job:
     ds_config = _ds_config(exp, profile, precision, world, total)
     stage = ds.zero_stage(ds_config) if ds_config else 0
     check_combination(profile, stage, ds.offloads(ds_config) if ds_config else {})
+    if ds_config is not None and (problem := ds.nvme_problem(ds_config)):
+        raise ConfigError([problem])
     accelerator = make_accelerator(exp, ds_config, precision)
     setup_logging(accelerator.is_main_process)
     log.info("job %s: profile %s, precision %s, %s, %d process(es), %d steps (%d per epoch)", exp.job_dir,

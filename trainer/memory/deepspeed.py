@@ -179,3 +179,15 @@ def validate(cfg: dict[str, Any], source: str) -> None:
         raise ConfigError(issues, source=source) from e
     except (ValueError, AssertionError) as e:
         raise ConfigError([f"{source}: DeepSpeed rejects this config: {e}"], source=source) from e
+
+
+def nvme_problem(cfg: dict[str, Any]) -> str | None:
+    """Why NVMe offload cannot run on this machine, or None. DeepSpeed's async_io op needs libaio."""
+    if "nvme" not in offloads(cfg).values():
+        return None
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        return None
+    return ("memory.profile uses NVMe offload, but DeepSpeed's async_io op cannot be built here: install libaio "
+            "(`apt-get install libaio-dev`, which launch/setup.sh does when run as root) or pick zero3_offload")
