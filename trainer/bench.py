@@ -95,3 +95,56 @@ def overhead(exp: Experiment, steps: int, rounds: int, warmup: int, out: Path) -
 
     _shutdown(job.accelerator)
     return result
+
+
+def optimizer_step(n_params: int, repeats: int, out: Path) -> dict:
+    """The optimizer step of CPU-offloaded parameters: DeepSpeedCPUAdam vs torch AdamW foreach vs fused.
+
+    Offload profiles step fp32 master weights on the CPU; this is that step alone, on `n_params` parameters
+    split like a ViT's layers (4M-element tensors). Each optimizer runs `repeats` timed steps after 2 warm-up
+    steps, in turns, and the median is kept. What terrascale uses (`chosen`) must be within 10 % of the best.
+    """
+    from trainer.runtime import prepare_environment
+
+    prepare_environment(deepspeed=False)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    chunk = 4 * 2**20
+    sizes = [chunk] * (n_params // chunk) + ([n_params % chunk] if n_params % chunk else [])
+
+    def make(kind: str):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in sizes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        if kind == "deepspeed_cpu_adam":
+            t0 = time.perf_counter()
+            opt = DeepSpeedCPUAdam(params, lr=1e-4, adamw_mode=True)  # JIT-compiles its op on first use
+            return params, opt, time.perf_counter() - t0
+        return params, torch.optim.AdamW(params, lr=1e-4, **{kind.split("_")[-1]: True}), 0.0
+
+    kinds = ["deepspeed_cpu_adam", "torch_adamw_foreach", "torch_adamw_fused"]
+    setups = {k: make(k) for k in kinds}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for k in kinds:
+        for _ in range(2):
+            setups[k][1].step()
+    for _ in range(repeats):
+        for k in kinds:
+            t0 = time.perf_counter()
+            setups[k][1].step()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    best = min(med.values())
+    chosen = "torch_adamw_fused"  # what trainer.run.build_optimizer passes to offload profiles
+    result = {
+        "benchmark": "offloaded_optimizer_step", "n_params": n_params, "repeats": repeats,
+        "median_ms": med, "deepspeed_cpu_adam_init_s": setups["deepspeed_cpu_adam"][2],
+        "chosen": chosen, "chosen_vs_best": med[chosen] / best,
+        "chosen_vs_foreach_speedup": med["torch_adamw_foreach"] / med[chosen],
+        "targets": {"chosen_vs_best_max": 1.10, "speedup_vs_foreach_min": 5.0},
+        "threads": torch.get_num_threads(), "machine": platform.machine(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result

@@ -5,6 +5,7 @@
     export/model.merged.safetensors  LoRA profiles: adapters merged into the (dequantized) backbone; loads
                                      into a plain `build_model(exp)` with no peft or bitsandbytes
     export/config.yaml               the experiment, to rebuild the model (predict, export)
+    export/stats.json                the per-band normalization the model was trained with
 
 Everything is written under a temporary name and renamed.
 """
@@ -64,6 +65,14 @@ def _rebuild_with_state(exp: Experiment, profile: Profile, state: dict[str, torc
     return model
 
 
+def stats_file(exp: Experiment) -> Path | None:
+    """The normalization stats the job trained with (predict needs the same ones)."""
+    if exp.data.kind == "terratorch":
+        return None
+    path = Path(exp.data.stats) if exp.data.stats else Path(exp.data.root) / "stats.json"
+    return path if path.is_file() else None
+
+
 def export_job(accelerator, model: nn.Module, exp: Experiment, profile: Profile, zero_stage: int,
                out_dir: Path, metadata: dict[str, Any]) -> Path | None:
     """Collective (ZeRO-3 gathers on every rank). Returns the export dir on rank 0."""
@@ -91,6 +100,8 @@ def export_job(accelerator, model: nn.Module, exp: Experiment, profile: Profile,
             merged = merged_model(trained)
             save_safetensors(merged.state_dict(), tmp / "model.merged.safetensors", {**metadata, "merged": True})
     (tmp / "config.yaml").write_text(dump_experiment(exp))
+    if (stats := stats_file(exp)) is not None:
+        shutil.copyfile(stats, tmp / "stats.json")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -82,6 +82,16 @@ class LoopParts:
     final_eval: bool = True  # evaluate (and checkpoint) at the last step, whatever the intervals
 
 
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Memory telemetry for the logs: the device allocator's peak on a GPU, the process's peak RSS on CPU."""
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
 def _forward(parts: LoopParts, batch: dict) -> torch.Tensor:
     from trainer.models import model_output
 
@@ -153,7 +163,8 @@ def train(parts: LoopParts, progress: Progress) -> tuple[Progress, bool]:
                 now = time.perf_counter()
                 record = {"split": "train", "step": progress.step, "epoch": progress.epoch, "loss": mean_loss,
                           "lr": parts.optimizer.param_groups[0]["lr"],
-                          "samples_per_s": (progress.samples_seen - samples_last) / max(now - t_last, 1e-9)}
+                          "samples_per_s": (progress.samples_seen - samples_last) / max(now - t_last, 1e-9),
+                          **peak_memory_mb(acc.device)}
                 t_last, samples_last = now, progress.samples_seen
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 parts.on_log(record)
