@@ -395,3 +395,23 @@ def test_terratorch_datamodule_samples_are_normalized_and_deterministic(tmp_path
         np.testing.assert_array_equal(a["mask"].numpy(), label[..., ::-1] if flipped else label)
         flips.add(flipped)
     assert flips == {True, False}
+
+
+def test_stats_command_writes_and_recomputes(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from trainer.data.synthetic import generate_synthetic
+
+    root = tmp_path / "d"
+    generate_synthetic("segmentation", root, n_train=4, n_val=2, tile_size=16, num_bands=3, seed=1)
+    (root / "stats.json").unlink()
+    r = subprocess.run([sys.executable, "-m", "trainer", "stats", "--config", "launch/configs/demo.yaml",
+                        f"data.root={root}", "data.kind=geotiff"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads((root / "stats.json").read_text())
+    assert len(stats["mean"]) == 3 and all(s > 0 for s in stats["std"])
+    r = subprocess.run([sys.executable, "-m", "trainer", "stats", "--config", "launch/configs/demo.yaml",
+                        f"data.root={tmp_path / 'missing'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and str(tmp_path / "missing") in r.stderr

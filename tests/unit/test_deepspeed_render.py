@@ -95,3 +95,10 @@ def test_nvme_preset_without_path_names_the_key():
     raw, _ = ds.load_json("zero3_bf16_nvme")
     with pytest.raises(ConfigError, match="memory.nvme_path"):
         ds.render(raw, FACTS)
+
+
+def test_readme_profile_table_is_generated(root):
+    from trainer.memory.profiles import markdown_table
+
+    readme = (root / "README.md").read_text()
+    assert markdown_table() in readme, "README profile table is stale: paste markdown_table() output"

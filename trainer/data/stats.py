@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from trainer.data.geotiff import band_count_error, invalid_values, read_tile
+from trainer.data.geotiff import band_count_error, find_samples, invalid_values, read_tile
 from trainer.errors import DataError
 
 
@@ -95,3 +95,19 @@ def load_or_compute_stats(files: Sequence[str | Path], path: str | Path, *, noda
     if barrier is not None:
         barrier()
     return read_stats(path)
+
+
+def write_stats_for(exp, force: bool = False) -> Path:
+    """`terrascale stats`: compute (or, with `force`, recompute) the experiment's per-band stats file."""
+    data = exp.data
+    if data.kind == "terratorch":
+        raise DataError("data.kind is terratorch: its datamodule carries its own means/stds (init_args.means/stds)")
+    root = Path(data.root)
+    if not root.is_dir():
+        raise DataError(f"data.root {root} does not exist: point it at the folder holding train/ and val/")
+    path = Path(data.stats) if data.stats else root / "stats.json"
+    train = find_samples(root, data.train_images, data.train_labels, exp.task.name == "change_detection")
+    files = [p for s in train for p in s.images]
+    if force or not path.is_file():
+        write_stats(path, compute_stats(files, nodata=data.nodata))
+    return path

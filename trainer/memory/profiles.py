@@ -41,31 +41,31 @@ _LORA = LoraSettings()
 
 PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("full", "all weights trainable, mixed precision, no ZeRO", "the model, gradients and Adam states fit "
-            "on one GPU (Prithvi/TerraMind up to ~300M on 24 GB)",
-            cpu_verified="trains, checkpoints, resumes (fp32)", gpu_only="bf16 autocast speed"),
+            "on one GPU (see the fit table)",
+            cpu_verified="trains, stops, resumes exactly (fp32)", gpu_only="bf16 autocast speed"),
     Profile("zero2", "ZeRO-2: optimizer states and gradients sharded across GPUs", "several GPUs, model fits on each",
-            deepspeed="zero2_bf16", cpu_verified="1 and 2 processes, gloo", gpu_only="NCCL overlap"),
+            deepspeed="zero2_bf16", cpu_verified="1 and 2 processes (gloo): trains, stops, resumes", gpu_only="NCCL overlap"),
     Profile("zero3", "ZeRO-3: parameters, gradients and optimizer states sharded", "several GPUs, model too big for one",
-            deepspeed="zero3_bf16", grad_checkpointing=True, cpu_verified="1 and 2 processes, gloo"),
+            deepspeed="zero3_bf16", grad_checkpointing=True, cpu_verified="1 and 2 processes (gloo): trains, stops, resumes"),
     Profile("zero3_offload_optimizer", "ZeRO-3 with Adam states and the fp32 master copy on CPU RAM",
             "weights+grads fit in GPU memory, Adam states do not", deepspeed="zero3_bf16_offload_optimizer",
-            grad_checkpointing=True, cpu_verified="1 and 2 processes", gpu_only="PCIe transfer time"),
+            grad_checkpointing=True, cpu_verified="1 and 2 processes: trains, stops, resumes", gpu_only="PCIe transfer time"),
     Profile("zero3_offload", "ZeRO-3 with parameters and optimizer states on CPU RAM, streamed per layer",
             "full fine-tuning of a model far larger than GPU memory, enough CPU RAM",
-            deepspeed="zero3_bf16_offload_all", grad_checkpointing=True, cpu_verified="1 and 2 processes",
-            gpu_only="PCIe transfer time, pinned memory"),
+            deepspeed="zero3_bf16_offload_all", grad_checkpointing=True,
+            cpu_verified="1 and 2 processes: straight run == interrupted + resumed run", gpu_only="PCIe transfer time, pinned memory"),
     Profile("zero3_nvme", "ZeRO-Infinity: parameters and optimizer states on an NVMe path (async io)",
             "CPU RAM is too small for the offloaded states", deepspeed="zero3_bf16_nvme", grad_checkpointing=True,
-            cpu_verified="where DeepSpeed's async_io op builds", gpu_only="NVMe bandwidth"),
+            cpu_verified="1 process where DeepSpeed's async_io op builds (libaio): trains, swaps, resumes", gpu_only="NVMe bandwidth"),
     Profile("lora", "frozen bf16 backbone, LoRA adapters + decoder/head trainable", "backbone weights fit in "
             "GPU memory in bf16, its gradients and Adam states do not", lora=_LORA, grad_checkpointing=True,
-            cpu_verified="trains, adapter export, merge"),
+            cpu_verified="trains, resumes; adapters and merged export reproduce outputs"),
     Profile("qlora", "backbone linears in 4-bit NF4 (double quant, bf16 compute), LoRA on top",
             "backbone does not fit in bf16; single GPU", quantization="nf4", lora=_LORA, grad_checkpointing=True,
-            cpu_verified="bitsandbytes CPU backend: NF4 forward/backward", gpu_only="CUDA NF4 kernels, speed"),
+            cpu_verified="bitsandbytes CPU backend: NF4 trains, resumes; dequantized merge reproduces outputs", gpu_only="CUDA NF4 kernels, speed"),
     Profile("zero3_offload_lora", "bf16 backbone streamed from CPU by ZeRO-3, LoRA trainable",
             "26-40B backbones on one 24 GB GPU with LoRA", deepspeed="zero3_bf16_offload_all", lora=_LORA,
-            grad_checkpointing=True, cpu_verified="1 and 2 processes", gpu_only="PCIe transfer time"),
+            grad_checkpointing=True, cpu_verified="1 and 2 processes: trains, resumes, merged export", gpu_only="PCIe transfer time"),
     Profile("auto", "chosen by the planner: the fastest profile that fits the GPU", "you do not know which fits",
             cpu_verified="chooses and trains"),
 ]}
@@ -117,3 +117,16 @@ def check_combination(p: Profile, zero_stage: int, offloads: dict[str, str]) -> 
                         "zero3_nvme without quantization")
     if problems:
         raise ConfigError(problems)
+
+
+def markdown_table() -> str:
+    """The README's profile table, generated from PROFILES (a unit test keeps the README in sync)."""
+    rows = ["| profile | what it does | when to use it | DeepSpeed preset | verified on CPU here | only on a GPU |",
+            "|---|---|---|---|---|---|"]
+    for p in PROFILES.values():
+        extras = [x for x in (p.quantization != "none" and f"{p.quantization} weights",
+                              p.lora and f"LoRA r={p.lora.rank}", p.grad_checkpointing and "grad checkpointing") if x]
+        what = p.summary + (f" ({', '.join(extras)})" if extras else "")
+        rows.append(f"| `{p.name}` | {what} | {p.when} | {p.deepspeed or '—'} | {p.cpu_verified or '—'} | "
+                    f"{p.gpu_only or '—'} |")
+    return "\n".join(rows)

@@ -1,0 +1,261 @@
+"""One training step traced for memory (torch's MemTracker) and FLOPs (FlopCounterMode).
+
+The planner runs this on *fake* tensors (`FakeTensorMode`): shapes, dtypes and strides without storage, so a
+step of a 40B model costs seconds and no RAM. The fake device is the CPU (fake CUDA needs a driver), which
+decides two things about the estimate:
+- `scaled_dot_product_attention` dispatches to the flash-attention CPU kernel (checked: also with a mask). It
+  keeps the output and a logsumexp per query, O(L) memory, like the flash / memory-efficient kernels SDPA
+  picks on a GPU; the math kernel (which would keep the L×L probabilities) is never traced.
+- autocast follows CPU autocast's op lists (matmuls in bf16, as on CUDA).
+The validation test runs the same function on real CPU tensors with a real optimizer step.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+# MemTracker's categories → the planner's names.
+KINDS = {_MemRefType.PARAM: "params", _MemRefType.BUFFER: "buffers", _MemRefType.GRAD: "grads",
+         _MemRefType.ACT: "activations", _MemRefType.TEMP: "temporaries", _MemRefType.OPT: "optimizer",
+         _MemRefType.OTH: "other"}
+TOTAL = "total"
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """Bytes by kind at the moment the total peaked, and just after the forward pass."""
+
+    peak: dict[str, int]
+    after_forward: dict[str, int]
+    flops: int
+    output_shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def dynamic_peak(self) -> int:
+        """What a step adds on top of the model states held before it (grads, activations, temporaries)."""
+        return self.peak["grads"] + self.peak["activations"] + self.peak["temporaries"]
+
+
+class StepTracker(MemTracker):
+    """MemTracker with two changes the planner needs (both verified against the stock class on small models):
+
+    - It hooks gradients of trainable parameters only: the stock tracker registers a hook on every parameter,
+      which torch refuses for frozen ones (LoRA, QLoRA, a frozen backbone).
+    - It keeps the global peak only: the stock per-op update walks every tracked module to keep per-module
+      peaks we never read, O(modules) per op (an InternViT-6B step took 194 s instead of seconds).
+    """
+
+    def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
+        sizes = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+        if install_grad_hooks:
+            for p in module.parameters():
+                if p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
+                    self._param_to_grad_hook_handles[p] = (p.register_hook(self._grad_seen),
+                                                           p.register_post_accumulate_grad_hook(self._grad_done))
+        return sizes
+
+    def _grad_seen(self, grad: torch.Tensor) -> None:
+        self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+    def _grad_done(self, param: torch.Tensor) -> None:
+        self._update_and_maybe_create_winfos(param.grad, _MemRefType.GRAD)
+
+    def _update_peak_stats(self, peak_state) -> None:
+        for dev, snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < snap["Total"]:
+                self._peak_mem[dev] = snap["Total"]
+                self._peak_mem_snap[dev] = dict(snap)
+
+
+def _by_kind(snapshot: dict) -> dict[str, int]:
+    out = dict.fromkeys([*KINDS.values(), TOTAL], 0)
+    for dev_snap in snapshot.values():
+        for key, value in dev_snap.items():
+            out[KINDS.get(key, TOTAL)] += int(value)
+    return out
+
+
+def _shapes(out: Any) -> tuple[tuple[int, ...], ...]:
+    if isinstance(out, torch.Tensor):
+        return (tuple(out.shape),)
+    if isinstance(out, (list, tuple)):
+        return tuple(s for o in out for s in _shapes(o))
+    if hasattr(out, "output"):  # TerraTorch ModelOutput
+        return _shapes(out.output)
+    return ()
+
+
+def sum_loss(out: Any) -> torch.Tensor:
+    """A loss whose gradient reaches every output (what a head does to a backbone's features)."""
+    if hasattr(out, "output"):
+        out = out.output
+    tensors = [out] if isinstance(out, torch.Tensor) else list(out)
+    return sum(t.float().sum() for t in tensors)
+
+
+def trace_step(model: nn.Module, make_inputs: Callable[[], tuple], loss_fn: Callable[[Any], torch.Tensor] = sum_loss,
+               *, autocast: torch.dtype | None = None, optimizer: torch.optim.Optimizer | None = None,
+               grad_clip: float | None = None, fake_mode=None, count_flops: bool = True) -> StepTrace:
+    """Forward, backward and (if given) optimizer step of `model` on `make_inputs()`, tracked.
+
+    Inputs are created inside the tracker (the batch lives on the device during the step). With an optimizer,
+    call this on the second step so its states exist already (the planner's real-tensor validation does).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tracker = StepTracker()
+    tracker.track_external(model, *([optimizer] if optimizer is not None else []))
+    flop_counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+    amp = (torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext())
+    twins = SmallTensorTwins(fake_mode) if fake_mode is not None else contextlib.nullcontext()
+    with fake_mode or contextlib.nullcontext(), twins, tracker, flop_counter:
+        inputs = make_inputs()
+        with amp:
+            out = model(*inputs)
+        after_forward = _by_kind(tracker.get_tracker_snapshot("current"))
+        loss_fn(out).backward()
+        if optimizer is not None:
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        shapes = _shapes(out)
+        del out
+    flops = flop_counter.get_total_flops() if count_flops else 0
+    return StepTrace(peak=_by_kind(tracker.get_tracker_snapshot("peak")), after_forward=after_forward,
+                     flops=int(flops), output_shapes=shapes)
+
+
+class SmallTensorTwins(torch.overrides.TorchFunctionMode):
+    """Real twins of small tensors computed from Python data, so index bookkeeping runs on fake tensors.
+
+    Some models compute sequence boundaries from values (Qwen2-VL: `repeat_interleave(h*w, t)`, then
+    `.tolist()` to split attention per image), which fake tensors refuse. A tensor built from Python data and
+    everything computed only from such tensors gets a real copy when it is small (<= `LIMIT` elements); ops on
+    twins run for real and hand back a fake tensor with the twin attached, and `.tolist()`/`.item()` return real
+    values. Anything touching a real activation stays fake. Costs nothing for models without such code.
+    """
+
+    LIMIT = 1 << 16
+
+    def __init__(self, fake_mode):
+        super().__init__()
+        self.fake_mode = fake_mode
+        self.twins: Any = WeakIdKeyDictionary()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, spec = tree_flatten((args, kwargs))
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        if not tensors or not all(t in self.twins for t in tensors):
+            out = func(*args, **kwargs)
+            if not tensors and isinstance(out, torch.Tensor) and out.numel() <= self.LIMIT:
+                # built from Python data alone (torch.tensor, arange): build the real one beside it
+                with unset_fake_temporarily():
+                    self.twins[out] = func(*args, **kwargs)
+            return out
+        real_args, real_kwargs = tree_unflatten([self.twins[a] if isinstance(a, torch.Tensor) else a for a in flat],
+                                                spec)
+        with unset_fake_temporarily():
+            real = func(*real_args, **real_kwargs)
+        real_out, _ = tree_flatten(real)
+        if any(isinstance(r, torch.Tensor) and r.numel() > self.LIMIT for r in real_out):
+            return func(*args, **kwargs)
+        if getattr(func, "__name__", "").endswith("_"):  # in place: keep the fake's identity, update it too
+            func(*args, **kwargs)
+            return args[0]
+        return tree_map_only(torch.Tensor, self._fake_twin, real)
+
+    def _fake_twin(self, real: torch.Tensor) -> torch.Tensor:
+        fake = self.fake_mode.from_tensor(real)
+        self.twins[fake] = real
+        return fake
+
+
+# --- preparing a model for a trace --------------------------------------------------------------------
+def set_dtype_(module: nn.Module, dtype: torch.dtype, only: Callable[[nn.Module, str], bool] = lambda m, n: True
+               ) -> nn.Module:
+    """Cast floating parameters/buffers in place by replacing them: `Module.to` cannot swap fake tensors."""
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.is_floating_point() and p.dtype != dtype and only(mod, name):
+                mod._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.is_floating_point() and b.dtype != dtype and only(mod, name):
+                mod._buffers[name] = b.to(dtype)
+    return module
+
+
+def meta_to_fake_(module: nn.Module) -> nn.Module:
+    """Give a meta-device module fake CPU tensors (call inside the FakeTensorMode)."""
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.device.type == "meta":
+                mod._parameters[name] = nn.Parameter(_fake_like(p), requires_grad=p.requires_grad)
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                mod._buffers[name] = _fake_like(b)
+    return module
+
+
+def _fake_like(t: torch.Tensor) -> torch.Tensor:
+    # empty_like would hand the meta tensor itself to the fake mode, which refuses non-fake inputs
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+
+
+class TraceLoraLinear(nn.Module):
+    """What peft's LoRA layer does to memory, without importing peft (it imports Accelerate, 8 s).
+
+    Same ops in the same order as peft 0.21 `lora.Linear.forward` (base output; input cast to the adapter dtype
+    when they differ; `lora_B(lora_A(dropout(x))) * scaling`; cast back) and, for a 4-bit base, peft's
+    `lora.bnb.Linear4bit.forward` (the base output is cloned, and the input is cast only outside autocast).
+    The validation test checks the traced peak against real peft on CPU.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: int, dropout: float, four_bit: bool = False):
+        super().__init__()
+        self.base_layer, self.four_bit, self.scaling = base, four_bit, alpha / rank
+        dtype = base.weight.dtype if not four_bit else torch.float32
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=dtype, device=base.weight.device)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=dtype, device=base.weight.device)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.four_bit:
+            result = result.clone()
+            cast = not torch.is_autocast_enabled(x.device.type)
+            expected = result.dtype
+            if cast and x.dtype != self.lora_A.weight.dtype:
+                x = x.to(self.lora_A.weight.dtype)
+            out = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            return result + (out.to(expected) if cast else out)
+        dtype = result.dtype
+        if x.dtype != self.lora_A.weight.dtype:
+            x = x.to(self.lora_A.weight.dtype)
+        return (result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(dtype)
+
+
+def matches_target(name: str, targets: list[str]) -> bool:
+    """peft's rule for a list of target names: the module name equals one or ends with '.' + one."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def add_trace_lora_(module: nn.Module, targets: list[str], rank: int, alpha: int, dropout: float,
+                    four_bit: bool = False) -> int:
+    """Freeze `module` and wrap its target `nn.Linear`s (peft's own type check) with `TraceLoraLinear`."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    hits = [(n, m) for n, m in module.named_modules() if type(m) is nn.Linear and matches_target(n, targets)]
+    for name, lin in hits:
+        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        setattr(parent, name.rsplit(".", 1)[-1], TraceLoraLinear(lin, rank, alpha, dropout, four_bit))
+    return len(hits)
