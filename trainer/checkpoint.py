@@ -138,16 +138,62 @@ def save_checkpoint(accelerator, job_dir: Path, progress: Progress, keep_last: i
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> Progress:
-    """Collective. Restores model, optimizer, scheduler, RNG of every rank; returns the saved progress."""
+def _frozen_prefixes(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def _is_frozen(key: str, frozen: set[str]) -> bool:
+    """A frozen parameter, or bitsandbytes quantization state hanging off one (`...weight.absmax`)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in frozen for i in range(len(parts), 0, -1))
+
+
+def drop_frozen_weights(models, weights, output_dir) -> None:
+    """`save_state` pre-hook for LoRA/QLoRA without DeepSpeed: frozen backbone weights never change (they are
+    rebuilt from the config and pretrained checkpoint at every start), so checkpoints keep only what trains.
+    For a 26B backbone that is megabytes instead of tens of gigabytes per checkpoint."""
+    for model, state in zip(models, weights):
+        frozen = _frozen_prefixes(model)
+        for key in [k for k in state if _is_frozen(k, frozen)]:
+            del state[key]
+
+
+def has_frozen_parameters(model) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def _check_partial(accelerator, path: Path) -> None:
+    """Before a non-strict load: the file must hold every trainable tensor and nothing unknown."""
+    from safetensors import safe_open
+
+    model = accelerator.unwrap_model(accelerator._models[0])
+    file = path / "model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        saved = set(f.keys())
+    expected = set(model.state_dict())
+    frozen = _frozen_prefixes(model)
+    missing = sorted(k for k in expected - saved if not _is_frozen(k, frozen))
+    unexpected = sorted(saved - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{file} does not match this model: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}; was it written with another memory profile or backbone?")
+
+
+def load_checkpoint(accelerator, path: Path, frozen_excluded: bool = False) -> Progress:
+    """Collective. Restores model, optimizer, scheduler, RNG of every rank; returns the saved progress.
+    `frozen_excluded`: the checkpoint was written with `drop_frozen_weights` (checked key by key)."""
     progress = Progress.from_file(path / PROGRESS_FILE)
     if progress.world_size != accelerator.num_processes:
         raise CheckpointError(
             f"{path} was written by {progress.world_size} process(es) but this run has {accelerator.num_processes}: "
             "resume with the same number of processes, or convert it with `terrascale universal` (DeepSpeed "
             "universal checkpoint) first")
+    kwargs = {}
+    if frozen_excluded:
+        _check_partial(accelerator, path)
+        kwargs["strict"] = False
     try:
-        accelerator.load_state(str(path))
+        accelerator.load_state(str(path), **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot load checkpoint ({e})") from e
     return progress

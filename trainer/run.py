@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import Progress, StopRequest, find_resume, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (Progress, StopRequest, drop_frozen_weights, find_resume, has_frozen_parameters,
+                                load_checkpoint, save_checkpoint)
 from trainer.config import Experiment, dump_experiment
 from trainer.errors import ConfigError
 from trainer.export import export_job
@@ -100,7 +101,8 @@ def build_scheduler(exp: Experiment, optimizer, total: int, ds_config: dict | No
 def freeze_config(exp: Experiment, job_dir: Path) -> None:
     """Write the resolved config beside the run; on resume, keep the original and note differences."""
     path = job_dir / "config.yaml"
-    text = dump_experiment(exp)
+    # stop_at_step is a per-invocation knob (time-boxed runs): not a change of the experiment.
+    text = dump_experiment(exp.model_copy(update={"run": exp.run.model_copy(update={"stop_at_step": None})}))
     if not path.exists():
         path.write_text(text)
     elif path.read_text() != text:
@@ -129,6 +131,11 @@ class Job:
     val_ds: Any
     per_epoch: int
     total: int
+
+    @property
+    def frozen_excluded(self) -> bool:
+        """Checkpoints leave out frozen weights (LoRA/QLoRA without DeepSpeed)."""
+        return self.ds_config is None and has_frozen_parameters(self.model)
 
     @property
     def zero_stage(self) -> int:
@@ -196,6 +203,8 @@ def setup(exp: Experiment) -> Job:
     else:
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
         accelerator.register_for_checkpointing(scheduler)
+    if ds_config is None and has_frozen_parameters(model):
+        accelerator.register_save_state_pre_hook(drop_frozen_weights)
     return Job(exp, profile, precision, ds_config, accelerator, model, optimizer, scheduler, scheduler_in_engine,
                train_loader, val_loader, sampler, train_ds, val_ds, per_epoch, total)
 
@@ -227,7 +236,7 @@ def main(exp: Experiment) -> int:
     metrics_log = MetricsLog(job_dir / "metrics.jsonl", accelerator.is_main_process)
     progress = Progress(world_size=accelerator.num_processes)
     if resume_from is not None:
-        progress = load_checkpoint(accelerator, resume_from)
+        progress = load_checkpoint(accelerator, resume_from, job.frozen_excluded)
         metrics_log.truncate_after(progress.step)
         log.info("resumed from %s at step %d (epoch %d)", resume_from, progress.step, progress.epoch)
     accelerator.init_trackers(exp.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -70,6 +71,17 @@ def test_sigterm_saves_and_rerun_continues(tmp_path):
     assert len(saved) == 1 and saved[0].name != "step-000040", [p.name for p in saved]
     stopped_at = int(saved[0].name.split("-")[1])
     assert "SIGTERM" in err and "Re-run the same command" in err
+    # a stopped job can still be exported from its checkpoint
+    r = check(subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--job", str(job)], cwd=ROOT,
+                             env=env(), capture_output=True, text=True, timeout=300))
+    assert "model.safetensors" in r.stdout and (job / "export" / "stats.json").is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(job / "checkpoints" / f"step-{stopped_at:06d}" / "model.safetensors"))
+    exported = load_export(job)
+    assert saved.keys() == exported.keys() and len(saved) > 50
+    for k in saved:
+        assert_close(exported[k], saved[k])
     r = check(run_train(args))
     assert f"at step {stopped_at}" in r.stderr
     assert [x["step"] for x in metrics(job)] == list(range(1, 41))

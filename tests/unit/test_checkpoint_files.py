@@ -56,3 +56,16 @@ def test_prune_keeps_last_n(tmp_path):
     removed = prune(tmp_path, 2)
     assert [p.name for p in removed] == ["step-000010", "step-000020"]
     assert [p.name for p in list_complete(tmp_path)] == ["step-000030", "step-000040"]
+
+
+def test_frozen_weights_and_their_quant_state_are_dropped():
+    import torch
+
+    from trainer.checkpoint import drop_frozen_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)
+    state = dict(model.state_dict())
+    state["0.weight.absmax"] = torch.ones(1)  # bitsandbytes keeps quantization state beside the weight
+    drop_frozen_weights([model], [state], "unused")
+    assert sorted(state) == ["0.bias", "1.bias", "1.weight"]
