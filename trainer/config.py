@@ -146,6 +146,8 @@ class RunConfig(_Closed):
     # Stop cleanly (checkpoint saved) once this step is reached; re-running continues. For time-boxed
     # allocations (a SLURM slot, a shared workstation overnight) and for testing resume.
     stop_at_step: int | None = Field(None, ge=1)
+    # Experiment trackers through Accelerate; mlflow/wandb when installed (offline, in the job dir), "all".
+    trackers: list[Literal["tensorboard", "mlflow", "wandb", "all"]] = Field(default_factory=lambda: ["tensorboard"])
 
     @model_validator(mode="after")
     def _needs_a_length(self) -> "RunConfig":

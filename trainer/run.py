@@ -18,6 +18,8 @@ from trainer.export import export_job
 from trainer.memory import deepspeed as ds
 from trainer.memory.profiles import Profile, check_combination, resolve_profile
 from trainer.report import MetricsLog, plot_curves
+from trainer.trackers import hparams, init_kwargs, offline_env, select_trackers
+from trainer.universal import load_universal, needs_universal, with_load_universal
 
 log = logging.getLogger("terrascale")
 
@@ -51,8 +53,12 @@ def make_accelerator(exp: Experiment, ds_config: dict | None, precision: str):
 
     from trainer.runtime import cuda_available
 
+    trackers, notes = select_trackers(exp.run.trackers)
+    for note in notes:
+        log.warning(note)
+    os.environ.update(offline_env(trackers, exp.job_dir))
     kwargs: dict[str, Any] = dict(
-        gradient_accumulation_steps=exp.run.grad_accum, log_with="tensorboard",
+        gradient_accumulation_steps=exp.run.grad_accum, log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(exp.job_dir), logging_dir=str(exp.job_dir / "logs")))
     if ds_config is not None:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config,
@@ -146,7 +152,7 @@ class Job:
         return torch.bfloat16 if (self.ds_config is not None and self.precision == "bf16") else torch.float32
 
 
-def setup(exp: Experiment) -> Job:
+def setup(exp: Experiment, universal: bool = False) -> Job:
     """Profile → datasets → DeepSpeed config → Accelerator → model/optimizer/scheduler/loaders, prepared."""
     from accelerate.utils import set_seed
 
@@ -174,6 +180,8 @@ def setup(exp: Experiment) -> Job:
                            "add tiles or lower data.batch_size"])
     total = total_steps(exp.run, per_epoch)
     ds_config = _ds_config(exp, profile, precision, world, total)
+    if universal:  # resuming a ZeRO checkpoint written by another number of processes
+        ds_config = with_load_universal(ds_config)
     stage = ds.zero_stage(ds_config) if ds_config else 0
     check_combination(profile, stage, ds.offloads(ds_config) if ds_config else {})
     if ds_config is not None and (problem := ds.nvme_problem(ds_config)):
@@ -228,7 +236,8 @@ def main(exp: Experiment) -> int:
 
     job_dir = exp.job_dir
     resume_from = find_resume(job_dir, exp.checkpoint.resume)
-    job = setup(exp)
+    universal = needs_universal(resume_from, int(os.environ.get("WORLD_SIZE", "1")))
+    job = setup(exp, universal=universal)
     accelerator = job.accelerator
     if accelerator.is_main_process:
         job_dir.mkdir(parents=True, exist_ok=True)
@@ -236,10 +245,13 @@ def main(exp: Experiment) -> int:
     metrics_log = MetricsLog(job_dir / "metrics.jsonl", accelerator.is_main_process)
     progress = Progress(world_size=accelerator.num_processes)
     if resume_from is not None:
-        progress = load_checkpoint(accelerator, resume_from, job.frozen_excluded)
+        progress = (load_universal(accelerator, job.model, resume_from, exp.run.grad_accum) if universal
+                    else load_checkpoint(accelerator, resume_from, job.frozen_excluded))
         metrics_log.truncate_after(progress.step)
         log.info("resumed from %s at step %d (epoch %d)", resume_from, progress.step, progress.epoch)
-    accelerator.init_trackers(exp.name)
+    trackers, _ = select_trackers(exp.run.trackers)
+    accelerator.init_trackers(exp.name, config=hparams(exp.model_dump(mode="json")),
+                              init_kwargs=init_kwargs(trackers, exp.name, job_dir))
     primary = PRIMARY_METRIC[exp.task.name]
 
     def on_log(record: dict) -> None:
