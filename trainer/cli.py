@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that add their own subcommands with `add_parser(subparsers)`; each must be cheap to import
 # (no TerraTorch, DeepSpeed or Accelerate at module level) so that `--help` and `plan` stay fast.
 COMMAND_MODULES: list[str] = ["trainer.export_cli", "trainer.universal_cli", "trainer.sweep_cli",
-                              "trainer.bench_report_cli"]
+                              "trainer.bench_report_cli", "trainer.plan_cli", "trainer.predict_cli"]
 
 
 def report_error(err: TerrascaleError) -> None:

@@ -59,9 +59,13 @@ def build_model(exp: Experiment) -> nn.Module:
                            f"or one of terrascale's: {', '.join(sorted(ours)) or 'none installed'})"])
     kwargs = factory_kwargs(exp, ours)
     necks = [dict(n) for n in exp.model.necks] or None
+    backbone: str | nn.Module = exp.model.backbone
+    if exp.task.name == "change_detection":  # one encoder shared by every date, features fused (trainer.temporal)
+        from trainer.temporal import temporal_backbone
+
+        backbone, kwargs, necks = temporal_backbone(exp, kwargs, necks)
     model = EncoderDecoderFactory().build_model(
-        task=_FACTORY_TASK[exp.task.name], backbone=exp.model.backbone, decoder=exp.model.decoder, necks=necks,
-        **kwargs)
+        task=_FACTORY_TASK[exp.task.name], backbone=backbone, decoder=exp.model.decoder, necks=necks, **kwargs)
     if exp.model.freeze_backbone:
         for p in model.encoder.parameters():
             p.requires_grad_(False)

@@ -1,3 +1,4 @@
+from pathlib import Path
 import subprocess
 import sys
 
@@ -70,3 +71,17 @@ def test_cli_prints_all_problems_and_exits_2(tmp_path):
     assert "3 problem(s)" in r.stderr
     assert "run.max_step: unknown key; did you mean 'run.max_steps'?" in r.stderr
     assert "data.num_workrs: unknown key; did you mean 'data.num_workers'?" in r.stderr
+
+
+_EXPERIMENTS = sorted(p for p in (Path(__file__).resolve().parents[2] / "launch" / "configs").rglob("*.yaml")
+                      if p.parent.name not in ("accelerate", "slurm"))
+
+
+def test_shipped_experiments_discovered():
+    assert len(_EXPERIMENTS) >= 13
+
+
+@pytest.mark.parametrize("path", _EXPERIMENTS, ids=lambda p: p.name)
+def test_shipped_experiment_loads(path):
+    exp = load_experiment(path)
+    assert exp.model.backbone and exp.task.name in ("segmentation", "regression", "change_detection")

@@ -264,6 +264,13 @@ class GeoTiffDataset(Dataset):
         label = label[0]
         bad = invalid_values(label, file_nodata) | image_bad
         if self.task.name == "regression":
+            # The model's output is sigmoid-bounded: a target outside [0, 1] (e.g. coherence stored as 0-255)
+            # could never be reached, and training would fail silently.
+            wrong = ~bad & ((label < 0) | (label > 1))
+            if wrong.any():
+                raise DataError(f"regression label tile {path} has values {np.unique(label[wrong])[:5].tolist()} "
+                                "outside [0, 1]: coherence targets must be in [0, 1] (rescale the product, or tag "
+                                "invalid values as the file's nodata)")
             return np.where(bad, np.float32("nan"), label).astype("float32")
         k, ignore = self.task.num_classes, self.task.ignore_index
         check = ~bad & (label != ignore)

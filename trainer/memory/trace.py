@@ -17,8 +17,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -31,12 +32,19 @@ TOTAL = "total"
 
 @dataclass(frozen=True)
 class StepTrace:
-    """Bytes by kind at the moment the total peaked, and just after the forward pass."""
+    """Bytes by kind at the moment the total peaked, and just after the forward pass.
+
+    `peak` counts what the tracker saw. With `virtual_grads` the parameter gradients were freed as soon as they
+    were complete (what DeepSpeed does: it reduces them into its own buckets), so `peak` is the step without
+    them, and `peak_with_grads` is the same step as if every gradient had stayed (what Accelerate does), both
+    from one trace.
+    """
 
     peak: dict[str, int]
+    peak_with_grads: dict[str, int]
     after_forward: dict[str, int]
     flops: int
-    output_shapes: tuple[tuple[int, ...], ...]
+    outputs: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype) of each tensor forward returned
 
     @property
     def dynamic_peak(self) -> int:
@@ -45,13 +53,21 @@ class StepTrace:
 
 
 class StepTracker(MemTracker):
-    """MemTracker with two changes the planner needs (both verified against the stock class on small models):
+    """MemTracker with these changes for the planner (checked against the stock class on small models):
 
     - It hooks gradients of trainable parameters only: the stock tracker registers a hook on every parameter,
       which torch refuses for frozen ones (LoRA, QLoRA, a frozen backbone).
     - It keeps the global peak only: the stock per-op update walks every tracked module to keep per-module
       peaks we never read, O(modules) per op (an InternViT-6B step took 194 s instead of seconds).
+    - `virtual_grads`: see `StepTrace`.
     """
+
+    def __init__(self, virtual_grads: bool = False):
+        super().__init__()
+        self.virtual_grads = virtual_grads
+        self._grads_so_far = 0
+        self.peak_with_grads: dict[str, int] = {}
+        self._peak_with_grads_total = -1
 
     def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
         sizes = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
@@ -62,17 +78,67 @@ class StepTracker(MemTracker):
                                                            p.register_post_accumulate_grad_hook(self._grad_done))
         return sizes
 
+    # A module built for one call (some TerraTorch necks do) is gone by backward: nothing to attribute, and
+    # the stock hooks would warn once per such module.
+    def _pre_bw_hook(self, module: nn.Module | None, args) -> None:
+        if module is not None:
+            super()._pre_bw_hook(module, args)
+
+    def _post_bw_hook(self, module: nn.Module | None, args) -> None:
+        if module is not None:
+            super()._post_bw_hook(module, args)
+
     def _grad_seen(self, grad: torch.Tensor) -> None:
-        self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+        if not self.virtual_grads:
+            self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
 
     def _grad_done(self, param: torch.Tensor) -> None:
-        self._update_and_maybe_create_winfos(param.grad, _MemRefType.GRAD)
+        if not self.virtual_grads:
+            self._update_and_maybe_create_winfos(param.grad, _MemRefType.GRAD)
+            return
+        self._grads_so_far += param.grad.numel() * param.grad.element_size()
+        param.grad = None
+        self._update_peak_stats(None)
 
     def _update_peak_stats(self, peak_state) -> None:
         for dev, snap in self._curr_mem_snap.items():
             if self._peak_mem.get(dev, 0) < snap["Total"]:
                 self._peak_mem[dev] = snap["Total"]
                 self._peak_mem_snap[dev] = dict(snap)
+        now = _by_kind(self._curr_mem_snap)
+        now["grads"] += self._grads_so_far
+        now[TOTAL] += self._grads_so_far
+        if now[TOTAL] > self._peak_with_grads_total:
+            self._peak_with_grads_total, self.peak_with_grads = now[TOTAL], now
+
+
+class FlopCounter(TorchDispatchMode):
+    """FLOPs of matmuls, convolutions and attention, by torch's own formulas (`flop_counter.flop_registry`).
+
+    Not `FlopCounterMode`: its per-module attribution hooks keep module outputs alive through backward, which
+    inflated a traced InternVL step by ~200 MB per layer. The CPU flash-attention kernel the fake trace runs is
+    counted with the formulas torch registers for the GPU flash kernel (same arithmetic).
+    """
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        aten = torch.ops.aten
+        self.registry = {**flop_registry,
+                         aten._scaled_dot_product_flash_attention_for_cpu:
+                             flop_registry[aten._scaled_dot_product_flash_attention],
+                         aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                             flop_registry[aten._scaled_dot_product_flash_attention_backward]}
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
 
 
 def _by_kind(snapshot: dict) -> dict[str, int]:
@@ -83,13 +149,13 @@ def _by_kind(snapshot: dict) -> dict[str, int]:
     return out
 
 
-def _shapes(out: Any) -> tuple[tuple[int, ...], ...]:
+def _outputs(out: Any) -> tuple[tuple[tuple[int, ...], str], ...]:
     if isinstance(out, torch.Tensor):
-        return (tuple(out.shape),)
+        return ((tuple(out.shape), str(out.dtype).removeprefix("torch.")),)
     if isinstance(out, (list, tuple)):
-        return tuple(s for o in out for s in _shapes(o))
+        return tuple(s for o in out for s in _outputs(o))
     if hasattr(out, "output"):  # TerraTorch ModelOutput
-        return _shapes(out.output)
+        return _outputs(out.output)
     return ()
 
 
@@ -109,11 +175,9 @@ def trace_step(model: nn.Module, make_inputs: Callable[[], tuple], loss_fn: Call
     Inputs are created inside the tracker (the batch lives on the device during the step). With an optimizer,
     call this on the second step so its states exist already (the planner's real-tensor validation does).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    tracker = StepTracker()
+    tracker = StepTracker(virtual_grads=optimizer is None and fake_mode is not None)
     tracker.track_external(model, *([optimizer] if optimizer is not None else []))
-    flop_counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+    flop_counter = FlopCounter() if count_flops else contextlib.nullcontext()
     amp = (torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext())
     twins = SmallTensorTwins(fake_mode) if fake_mode is not None else contextlib.nullcontext()
     with fake_mode or contextlib.nullcontext(), twins, tracker, flop_counter:
@@ -121,27 +185,31 @@ def trace_step(model: nn.Module, make_inputs: Callable[[], tuple], loss_fn: Call
         with amp:
             out = model(*inputs)
         after_forward = _by_kind(tracker.get_tracker_snapshot("current"))
-        loss_fn(out).backward()
+        loss = loss_fn(out)
+        if loss.requires_grad:  # a frozen backbone under a trained head never runs backward
+            loss.backward()
         if optimizer is not None:
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        shapes = _shapes(out)
+        outputs = _outputs(out)
         del out
-    flops = flop_counter.get_total_flops() if count_flops else 0
-    return StepTrace(peak=_by_kind(tracker.get_tracker_snapshot("peak")), after_forward=after_forward,
-                     flops=int(flops), output_shapes=shapes)
+    flops = flop_counter.total if count_flops else 0
+    peak = _by_kind(tracker.get_tracker_snapshot("peak"))
+    return StepTrace(peak=peak, peak_with_grads=tracker.peak_with_grads if tracker.virtual_grads else peak,
+                     after_forward=after_forward, flops=int(flops), outputs=outputs)
 
 
-class SmallTensorTwins(torch.overrides.TorchFunctionMode):
+class SmallTensorTwins(TorchDispatchMode):
     """Real twins of small tensors computed from Python data, so index bookkeeping runs on fake tensors.
 
     Some models compute sequence boundaries from values (Qwen2-VL: `repeat_interleave(h*w, t)`, then
-    `.tolist()` to split attention per image), which fake tensors refuse. A tensor built from Python data and
-    everything computed only from such tensors gets a real copy when it is small (<= `LIMIT` elements); ops on
-    twins run for real and hand back a fake tensor with the twin attached, and `.tolist()`/`.item()` return real
-    values. Anything touching a real activation stays fake. Costs nothing for models without such code.
+    `.tolist()` to split attention per image), which fake tensors refuse. A tensor built from Python data
+    (`torch.tensor`, `arange`), and everything computed only from such tensors, gets a real copy while it stays
+    small (<= `LIMIT` elements): ops on twins run for real and hand back a fake tensor with the twin attached,
+    and `.tolist()`/`.item()` return real values. Anything touching an activation stays fake. It is a
+    *dispatch* mode because checkpoint recomputation in backward sees dispatch modes but not function modes.
     """
 
     LIMIT = 1 << 16
@@ -151,25 +219,28 @@ class SmallTensorTwins(torch.overrides.TorchFunctionMode):
         self.fake_mode = fake_mode
         self.twins: Any = WeakIdKeyDictionary()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def _real(self, a: Any) -> Any:
+        if not isinstance(a, torch.Tensor):
+            return a
+        return self.twins.get(a) if isinstance(a, FakeTensor) else a
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        for a in args:  # the common case, decided cheaply: an activation is involved
+            if isinstance(a, FakeTensor) and a not in self.twins:
+                return func(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
-        if not tensors or not all(t in self.twins for t in tensors):
-            out = func(*args, **kwargs)
-            if not tensors and isinstance(out, torch.Tensor) and out.numel() <= self.LIMIT:
-                # built from Python data alone (torch.tensor, arange): build the real one beside it
-                with unset_fake_temporarily():
-                    self.twins[out] = func(*args, **kwargs)
-            return out
-        real_args, real_kwargs = tree_unflatten([self.twins[a] if isinstance(a, torch.Tensor) else a for a in flat],
-                                                spec)
+        real_flat = [self._real(a) for a in flat]
+        if any(isinstance(a, torch.Tensor) and r is None for a, r in zip(flat, real_flat)) or (
+                not tensors and not _small_factory(func, kwargs)):
+            return func(*args, **kwargs)
+        real_args, real_kwargs = tree_unflatten(real_flat, spec)
         with unset_fake_temporarily():
             real = func(*real_args, **real_kwargs)
-        real_out, _ = tree_flatten(real)
-        if any(isinstance(r, torch.Tensor) and r.numel() > self.LIMIT for r in real_out):
+        if any(isinstance(r, torch.Tensor) and r.numel() > self.LIMIT for r in tree_flatten(real)[0]):
             return func(*args, **kwargs)
-        if getattr(func, "__name__", "").endswith("_"):  # in place: keep the fake's identity, update it too
+        if func._schema.is_mutable:  # in place: the fake keeps its identity and is updated as well
             func(*args, **kwargs)
             return args[0]
         return tree_map_only(torch.Tensor, self._fake_twin, real)
@@ -178,6 +249,12 @@ class SmallTensorTwins(torch.overrides.TorchFunctionMode):
         fake = self.fake_mode.from_tensor(real)
         self.twins[fake] = real
         return fake
+
+
+def _small_factory(func, kwargs) -> bool:
+    # arange/scalar_tensor from Python numbers; sizes are checked after running
+    return func in (torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step,
+                    torch.ops.aten.scalar_tensor.default)
 
 
 # --- preparing a model for a trace --------------------------------------------------------------------
@@ -227,6 +304,15 @@ class TraceLoraLinear(nn.Module):
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=dtype, device=base.weight.device)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=dtype, device=base.weight.device)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    # peft's layers answer `.weight`/`.bias` with the base layer's (fused kernels read them directly)
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

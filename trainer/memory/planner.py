@@ -1,0 +1,323 @@
+"""Will it fit? GPU peak, CPU and NVMe needs and step-time bounds of every profile, and the `auto` choice.
+
+`plan_experiment` measures the experiment once (counts, traced steps: `workload.py`, `head.py`) and applies each
+profile's arithmetic (`states.py`). `choose_profile` picks the fastest profile that fits with `AUTO_MARGIN` to
+spare. Sources of each number, and what no GPU has confirmed yet: docs/planner.md.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.config import Experiment
+from trainer.errors import ConfigError, PlanError
+from trainer.memory import head as head_mod
+from trainer.memory import states as st
+from trainer.memory import workload as wl
+from trainer.memory.measure import Measurer
+from trainer.memory.profiles import Profile, check_combination, resolve_profile
+
+GiB = 1 << 30
+# --- assumptions (no GPU has been measured for this planner; docs/planner.md) ---------------------------
+# RTX 4090 BF16 tensor-core throughput with FP32 accumulate, dense: 165.2 TFLOPS (NVIDIA Ada GPU architecture
+# whitepaper, GeForce RTX 4090 specifications; 330.3 is the 2:4-sparse figure).
+GPU_FLOPS = 165.2e12
+PCIE_BYTES_PER_S = 25e9     # PCIe 4.0 x16: 31.5 GB/s raw per direction; ~25 GB/s with pinned host buffers
+NVME_READ_PER_S, NVME_WRITE_PER_S = 7e9, 6e9  # a PCIe 4.0 x4 NVMe drive, sequential
+CUDA_CONTEXT_BYTES = 768 << 20  # CUDA context + cuBLAS/cuDNN workspaces on the GPU before any tensor
+FRAGMENTATION = 0.05        # PyTorch caching allocator: block rounding and fragmentation, share of tensor peak
+AUTO_MARGIN = 0.10          # `auto` wants the GPU peak and CPU need at most 90 % of the budget
+# Fastest first, for one GPU (reasoning in docs/planner.md). On one GPU ZeRO shards nothing: zero2 needs more
+# GPU memory than full, zero3 more than lora; they are ranked by speed but can only win on several GPUs.
+SPEED_ORDER = ("full", "zero2", "lora", "zero3", "qlora", "zero3_offload_optimizer", "zero3_offload_lora",
+               "zero3_offload", "zero3_nvme")
+
+
+@dataclass(frozen=True)
+class Budget:
+    gpu: int
+    cpu: int
+    nvme_path: str | None = None
+    device: str = "cuda"  # "cpu": predict a CPU run (validation): fp32, no CUDA context
+
+    @property
+    def nvme_free(self) -> int | None:
+        return shutil.disk_usage(self.nvme_path).free if self.nvme_path else None
+
+
+@dataclass
+class Estimate:
+    profile: str
+    precision: str
+    # gpu: params, grads, optimizer, activations, temporaries, allowance, total; cpu: load_peak, training, total
+    gpu: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, int] = field(default_factory=dict)
+    nvme: int = 0
+    fits: bool = False
+    fits_with_margin: bool = False
+    why_not: list[str] = field(default_factory=list)
+    compute_s: float | None = None
+    transfer_s: float | None = None
+    nvme_s: float | None = None
+    refused: str | None = None
+    traced: bool = True  # False: the model states alone exceed the GPU budget; gpu["total"] is a lower bound
+
+    @property
+    def step_bound_s(self) -> float | None:
+        times = [t for t in (self.compute_s, self.transfer_s, self.nvme_s) if t is not None]
+        return max(times) if times else None
+
+
+@dataclass
+class Plan:
+    backbone: str
+    mode: str
+    shape: wl.InputShape
+    budget: Budget
+    counts: dict[str, int]
+    estimates: dict[str, Estimate]
+    method: dict[str, str]
+    seconds: float = 0.0
+    measured_now: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        from trainer.memory.plan_report import text_table
+
+        return text_table(self)
+
+    def to_json(self) -> dict[str, Any]:
+        from trainer.memory.plan_report import to_json
+
+        return to_json(self)
+
+
+def profile_for(exp: Experiment, name: str) -> Profile:
+    """Profile `name` with the experiment's adjustments (LoRA rank, checkpointing...) applied; its own DeepSpeed
+    JSON only for the profile the experiment names."""
+    own = name == exp.memory.profile
+    memory = exp.memory.model_copy(update={"profile": name, "deepspeed": exp.memory.deepspeed if own else None})
+    return resolve_profile(memory)
+
+
+def precision_for(exp: Experiment, profile: Profile, device: str) -> str:
+    # the rule trainer.run.resolve_precision applies
+    if exp.run.precision != "auto":
+        return exp.run.precision
+    return profile.dtype if device == "cuda" else "fp32"
+
+
+def _zero(exp: Experiment, profile: Profile, precision: str) -> tuple[st.ZeroSettings | None, str | None]:
+    """(ZeRO settings, refusal) from the profile's rendered DeepSpeed JSON and trainer.memory.profiles' rules."""
+    from trainer.memory import deepspeed as ds
+
+    if profile.deepspeed is None:
+        zero, offloads = None, {}
+    else:
+        raw, path = ds.load_json(profile.deepspeed)
+        facts = ds.DSFacts(micro_batch=exp.data.batch_size, grad_accum=exp.run.grad_accum, world_size=1,
+                           grad_clip=exp.run.grad_clip, precision=precision, lr=exp.optim.lr,
+                           weight_decay=exp.optim.weight_decay, betas=tuple(exp.optim.betas),
+                           warmup_steps=exp.scheduler.warmup_steps, total_steps=exp.run.max_steps or 1000,
+                           nvme_path=exp.memory.nvme_path or "/nvme")
+        cfg = ds.render(raw, facts, source=str(path))
+        zero, offloads = st.zero_settings(cfg), ds.offloads(cfg)
+    try:
+        check_combination(profile, zero.stage if zero else 0, offloads)
+    except ConfigError as e:
+        return zero, "; ".join(e.issues)
+    return zero, None
+
+
+def _counts(c: dict, profile: Profile, zero: st.ZeroSettings | None, exp: Experiment) -> st.Counts:
+    lora = c["lora"] if profile.lora else 0
+    threshold = zero.persistence_threshold if zero else 0
+    persistent = sum(int(n) * k for n, k in c["small_params"].items() if int(n) <= threshold)
+    backbone_trains = profile.lora is None and not exp.model.freeze_backbone
+    trainable = (c["total"] if backbone_trains else 0) + c["head"] + lora
+    return st.Counts(backbone=c["total"], head=c["head"], lora=lora, linear_weights=c["linear_weights"],
+                     linear_numels=c["linear_numels"], linear_biases=c["linear_biases"],
+                     largest_linear=c["largest_linear"], largest_layer=max(c["largest_layer"], c["head_largest"]),
+                     persistent=persistent, trainable=trainable)
+
+
+# How trainer.backbones.loading reads each family's published checkpoint: the whole native model through
+# transformers' from_pretrained in fp32 (native layouts), or every shard of a bf16 state dict at once
+# (OpenGVLab's InternVL repositories use the remote-code layout).
+_CHECKPOINT_BYTES_PER_PARAM = {"qwen2_vl": 4, "gemma3": 4, "granite_hybrid": 4, "internvl": 2}
+
+
+def checkpoint_bytes(backbone: str, kept: int) -> int:
+    """CPU RAM the checkpoint takes while it is read beside the model (modeled): the whole published model
+    (a VLM's checkpoint holds its LM even when only the vision tower is kept), else the kept backbone in fp32."""
+    try:
+        entry = wl.catalog.get(backbone)
+    except ConfigError:
+        return 4 * kept
+    per_param = _CHECKPOINT_BYTES_PER_PARAM.get(entry.family)
+    return int(per_param * entry.published_params) if per_param else 4 * kept
+
+
+def _load_peak(c: st.Counts, loads: bool, backbone: str) -> int:
+    """CPU RAM while the run builds the model (modeled): trainer.models builds it in fp32 on the CPU, and a
+    checkpoint is read beside it."""
+    return 4 * (c.backbone + c.head) + (checkpoint_bytes(backbone, c.backbone) if loads else 0)
+
+
+def _states(c: st.Counts, profile: Profile, zero: st.ZeroSettings | None, p: int, exp: Experiment) -> st.States:
+    if zero is None:
+        return st.accelerate_states(c, p, nf4=profile.quantization == "nf4",
+                                    optimizer_bytes=4 if exp.optim.name == "sgd" else 8)
+    return st.zero_states(c, p, zero, exp.run.grad_accum)
+
+
+def estimate(exp: Experiment, profile: Profile, budget: Budget, m: Measurer, exhaustive: bool = False) -> Estimate:
+    precision = precision_for(exp, profile, budget.device)
+    est = Estimate(profile.name, precision)
+    zero, refusal = _zero(exp, profile, precision)
+    if refusal:
+        est.refused = f"refused: {refusal}"
+        est.why_not.append(est.refused)
+        return est
+    p = wl.BYTES[precision]
+    context = CUDA_CONTEXT_BYTES if budget.device == "cuda" else 0
+    if m.own is not None and not exhaustive:
+        # Model states of the backbone alone are a lower bound; past the budget no activation can save it.
+        c0 = _counts({**m.own_counts(profile), "head": 0, "head_largest": 0}, profile, zero, exp)
+        bound = _states(c0, profile, zero, p, exp)
+        low = bound.gpu_params + bound.gpu_grads + bound.gpu_optimizer + context
+        if low > budget.gpu:
+            est.traced = False
+            est.gpu = dict(params=bound.gpu_params, grads=bound.gpu_grads, optimizer=bound.gpu_optimizer,
+                           activations=0, temporaries=0, allowance=context, total=low)
+            load = _load_peak(c0, m.loads, exp.model.backbone)
+            est.cpu = dict(load_peak=load, training=bound.cpu, total=max(load, bound.cpu))
+            est.why_not.append(f"GPU > {low / GiB:.1f} GiB from model states alone (activations not traced)")
+            return est
+    try:
+        raw, dyn = m.step(profile, precision)
+    except RuntimeError as e:  # an op the model cannot run this way (shown in the row, not hidden)
+        est.refused = f"cannot run this profile's step: {str(e).splitlines()[0][:160]}"
+        est.why_not.append(est.refused)
+        return est
+    c = _counts(raw, profile, zero, exp)
+    s = _states(c, profile, zero, p, exp)
+    micro = exp.run.grad_accum
+    if zero is None:
+        step = dyn["peak"]
+        temps = step["temporaries"] + (st.dequant_buffer(c.largest_linear, p) if profile.quantization == "nf4" else 0)
+        if step["grads"] + step["activations"] + temps >= s.gpu_grads:
+            grads, acts = step["grads"], step["activations"]
+        else:  # the optimizer step, with every gradient alive, is the higher moment
+            grads, acts, temps = s.gpu_grads, 0, 0
+    else:
+        grads, acts = s.gpu_grads, dyn["peak"]["activations"]
+        temps = dyn["peak"]["temporaries"] + s.gpu_buffers  # DeepSpeed frees param.grad into its buckets
+    gpu = dict(params=s.gpu_params + dyn["buffers"], grads=grads, optimizer=s.gpu_optimizer, activations=acts,
+               temporaries=temps)
+    tensors = sum(gpu.values())
+    gpu["allowance"] = int(context + FRAGMENTATION * tensors) if budget.device == "cuda" else 0
+    gpu["total"] = tensors + gpu["allowance"]
+    load = _load_peak(c, m.loads, exp.model.backbone)
+    est.gpu, est.nvme = gpu, s.nvme
+    est.cpu = dict(load_peak=load, training=s.cpu, total=max(load, s.cpu))
+    est.compute_s = micro * dyn["flops"] / GPU_FLOPS
+    if s.h2d_bytes or s.d2h_bytes:
+        est.transfer_s = max(s.h2d_bytes, s.d2h_bytes) / PCIE_BYTES_PER_S
+    if s.nvme_read:
+        est.nvme_s = max(s.nvme_read / NVME_READ_PER_S, s.nvme_write / NVME_WRITE_PER_S)
+    _judge(est, budget)
+    return est
+
+
+def _judge(est: Estimate, budget: Budget) -> None:
+    g, c = est.gpu["total"], est.cpu["total"]
+    if g > budget.gpu:
+        est.why_not.append(f"GPU {g / GiB:.1f} GiB > {budget.gpu / GiB:.1f} GiB")
+    if c > budget.cpu:
+        what = "loading the model" if est.cpu["load_peak"] >= est.cpu["training"] else "offloaded states"
+        est.why_not.append(f"CPU {c / GiB:.1f} GiB ({what}) > {budget.cpu / GiB:.1f} GiB")
+    if est.nvme:
+        if not budget.nvme_path:
+            est.why_not.append(f"needs {est.nvme / GiB:.0f} GiB on an NVMe path: pass --nvme PATH")
+        elif est.nvme > (budget.nvme_free or 0):
+            est.why_not.append(f"NVMe {est.nvme / GiB:.0f} GiB > {budget.nvme_free / GiB:.0f} GiB free")
+    est.fits = not est.why_not
+    est.fits_with_margin = est.fits and g <= (1 - AUTO_MARGIN) * budget.gpu and c <= (1 - AUTO_MARGIN) * budget.cpu
+
+
+METHOD = {
+    "parameters": "exact: counted on the real-size model built on the meta device",
+    "gradients/optimizer": "exact arithmetic (AdamW fp32 moments; DeepSpeed's own ZeRO estimators)",
+    "nf4": "exact: bitsandbytes 0.50 NF4 layout (64-element blocks, double-quantized absmax)",
+    "activations/temporaries": "measured: one training step traced on fake CPU tensors (MemTracker)",
+    "allowance": "modeled: CUDA context 0.75 GiB + 5 % fragmentation (no GPU measured)",
+    "step time": "bounds: traced FLOPs at 165.2 TFLOPS bf16; PCIe 4.0 x16 at 25 GB/s",
+}
+
+
+def plan_experiment(exp: Experiment, gpu_bytes: int, cpu_bytes: int, nvme_path: str | None = None, *,
+                    tile_size: int | None = None, builders: head_mod.Builders | None = None,
+                    device: str = "cuda", profiles: tuple[str, ...] = SPEED_ORDER, exhaustive: bool = False,
+                    loads_checkpoint: bool | None = None, backbone: wl.OwnBackbone | None = None) -> Plan:
+    """Estimate every profile in `profiles` for `exp` on one GPU of `gpu_bytes` with `cpu_bytes` of RAM.
+
+    A profile whose model states alone exceed the GPU budget is not traced (its GPU figure is then a lower
+    bound, flagged); `exhaustive` traces every profile. `loads_checkpoint` (default: whether the experiment names
+    pretrained weights) adds the checkpoint read to the CPU load peak. `backbone` replaces the experiment's catalog
+    backbone by the same architecture at another size (the validation test plans a small one)."""
+    t0 = time.perf_counter()
+    budget = Budget(gpu_bytes, cpu_bytes, nvme_path, device)
+    shape = wl.input_shape(exp, tile_size)
+    m = Measurer(exp, shape, builders, loads_checkpoint, backbone)
+    estimates = {name: estimate(exp, profile_for(exp, name), budget, m, exhaustive) for name in profiles}
+    counts = m.summary()
+    vlm = m.own is not None and m.own.family in wl.catalog.VLM_FAMILIES
+    mode = exp.model.backbone_kwargs.get("mode", "vision") if vlm else "encoder"
+    return Plan(exp.model.backbone, mode, shape, budget, counts, estimates, METHOD,
+                time.perf_counter() - t0, m.measured_now)
+
+
+def pick(plan: Plan) -> tuple[str | None, str]:
+    """(profile name or None, reason): the first of `SPEED_ORDER` that fits with `AUTO_MARGIN` to spare."""
+    for name in SPEED_ORDER:
+        est = plan.estimates.get(name)
+        if est is not None and est.fits_with_margin:
+            return name, (f"{name}, the fastest profile that fits with {AUTO_MARGIN:.0%} to spare (GPU "
+                          f"{est.gpu['total'] / GiB:.1f} of {plan.budget.gpu / GiB:.1f} GiB, CPU "
+                          f"{est.cpu['total'] / GiB:.1f} of {plan.budget.cpu / GiB:.1f} GiB)")
+    tight = [n for n, e in plan.estimates.items() if e.fits]
+    return None, "no profile fits with a {:.0%} margin{}".format(
+        AUTO_MARGIN, f" ({', '.join(tight)} fit without it)" if tight else "")
+
+
+def choose_profile(exp: Experiment, gpu_bytes: int, cpu_bytes: int, nvme_path: str | None = None, *,
+                   builders: head_mod.Builders | None = None, tile_size: int | None = None,
+                   device: str = "cuda") -> tuple[Profile, str, str]:
+    """`memory.profile: auto`: (profile, table, reason) for the first profile in `SPEED_ORDER` whose GPU peak and
+    CPU need are within `AUTO_MARGIN` of the budget. Raises PlanError with the table when none is."""
+    plan = plan_experiment(exp, gpu_bytes, cpu_bytes, nvme_path, tile_size=tile_size, builders=builders,
+                           device=device)
+    table = plan.table()
+    name, reason = pick(plan)
+    if name is None:
+        raise PlanError(f"no memory profile fits {plan.backbone} in {gpu_bytes / GiB:.1f} GiB of GPU memory and "
+                        f"{cpu_bytes / GiB:.1f} GiB of CPU RAM with a {AUTO_MARGIN:.0%} margin:\n{table}")
+    return profile_for(exp, name), table, reason
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20, "g": 1 << 30,
+          "gb": 1e9, "gib": 1 << 30, "t": 1 << 40, "tb": 1e12, "tib": 1 << 40}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """'24GiB', '24 GB', '64G' (G = GiB, as nvidia-smi and free -g count) or a byte count."""
+    if isinstance(text, int):
+        return text
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError([f"{what}: {text!r} is not a size; write e.g. 24GiB, 64GB or 128G"])
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

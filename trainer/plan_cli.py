@@ -1,0 +1,150 @@
+"""`terrascale plan` / `launch/plan.py`: will this experiment fit one GPU, with which profile, how fast at best.
+
+Listed in `trainer.cli.COMMAND_MODULES` (it calls `add_parser`). The fast path imports neither TerraTorch nor
+Accelerate: catalog backbones are traced from terrascale's own classes and the decoder measurement comes from
+the cache; `terratorch_builders()` is handed to the planner for what only TerraTorch can build (a new decoder
+configuration, Prithvi/TerraMind/Clay), imported only when such a measurement is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import warnings
+
+DEFAULT_GPU = "24GiB"  # the RTX 4090 this launcher is sized for, when no GPU can be asked
+
+
+def terratorch_builders():
+    """Builders the planner calls when it must measure a TerraTorch part (imports TerraTorch, 11–17 s)."""
+    from trainer.memory.head import Builders
+
+    def full_model(exp):
+        from trainer.models import build_model
+
+        return build_model(exp)
+
+    def around(exp, backbone):
+        from terratorch.models import EncoderDecoderFactory
+
+        from trainer.models import _FACTORY_TASK, _register_ours, factory_kwargs
+
+        kwargs = {k: v for k, v in factory_kwargs(exp, _register_ours()).items() if not k.startswith("backbone_")}
+        necks = [dict(n) for n in exp.model.necks] or None
+        return EncoderDecoderFactory().build_model(task=_FACTORY_TASK[exp.task.name], backbone=backbone,
+                                                   decoder=exp.model.decoder, necks=necks, **kwargs)
+
+    return Builders(full_model=full_model, around=around)
+
+
+def detected_gpu_bytes() -> int | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return None
+
+
+def detected_cpu_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@contextlib.contextmanager
+def quiet():
+    """Library chatter from building models (deprecation notes, "does not expose input embeddings") is not the
+    answer the user asked for; errors still surface."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        # what DeepSpeed picks anyway without a GPU, minus its warning; the planner only uses its estimators
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    # a profile whose step cannot run is reported in its row; the fake-tensor layer's traceback is noise
+    quieter = {"DeepSpeed": logging.ERROR, "torch": logging.ERROR, "terratorch": logging.ERROR,
+               "timm": logging.ERROR, "torch._subclasses.fake_tensor": logging.CRITICAL}
+    levels = {n: logging.getLogger(n).level for n in quieter}
+    hf_level = hf_logging.get_verbosity()
+    for n, level in quieter.items():
+        logging.getLogger(n).setLevel(level)
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+        hf_logging.set_verbosity(hf_level)
+
+
+def budgets(args: argparse.Namespace, exp) -> tuple[int, int, str]:
+    from trainer.memory.planner import parse_size
+
+    gpu_src = "--gpu-memory"
+    gpu = args.gpu_memory
+    if gpu is None and exp is not None and exp.memory.gpu_memory:
+        gpu, gpu_src = exp.memory.gpu_memory, "memory.gpu_memory"
+    if gpu is None:
+        found = detected_gpu_bytes()
+        gpu, gpu_src = (found, "detected GPU") if found else (DEFAULT_GPU, "default (RTX 4090)")
+    cpu = parse_size(args.cpu_memory, "--cpu-memory") if args.cpu_memory else detected_cpu_bytes()
+    return parse_size(gpu, gpu_src), cpu, gpu_src
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from trainer.errors import ConfigError
+
+    with quiet():
+        if args.fit_table:
+            from trainer.memory.fit_table import write_fit_table
+
+            path = write_fit_table(args.fit_table, builders=terratorch_builders())
+            print(f"wrote {path}")
+            return 0
+        if not args.config:
+            raise ConfigError(["plan: give --config X.yaml (or --fit-table PATH)"])
+        from trainer.config import load_experiment
+        from trainer.memory.planner import plan_experiment
+
+        exp = load_experiment(args.config, args.overrides)
+        gpu, cpu, gpu_src = budgets(args, exp)
+        plan = plan_experiment(exp, gpu, cpu, args.nvme, tile_size=args.tile_size, builders=terratorch_builders())
+    if args.json:
+        json.dump(plan.to_json(), sys.stdout, indent=1)
+        print()
+    else:
+        print(plan.table())
+        print(f"(GPU budget from {gpu_src}: {gpu / 2**30:.1f} GiB)")
+    return 0
+
+
+def register() -> None:
+    """List this module in trainer.cli's subcommand modules (a no-op once trainer.cli lists it itself)."""
+    from trainer import cli
+
+    if __name__ not in cli.COMMAND_MODULES:
+        cli.COMMAND_MODULES.append(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from trainer.cli import EPILOG_OVERRIDES
+
+    p = sub.add_parser("plan", help="estimate GPU/CPU memory and step time of every memory profile",
+                       description="For the experiment's backbone, every memory profile: GPU peak (parameters, "
+                       "gradients, optimizer states, activations, temporaries, CUDA allowance), CPU and NVMe needs, "
+                       "whether it fits, and step-time lower bounds. Sources and assumptions: docs/planner.md.",
+                       epilog=EPILOG_OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help="experiment YAML (terrascale or `terratorch fit` format)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides applied after the file")
+    p.add_argument("--gpu-memory", help="GPU budget, e.g. 24GiB (default: memory.gpu_memory, the detected GPU, "
+                   f"else {DEFAULT_GPU})")
+    p.add_argument("--cpu-memory", help="CPU RAM budget, e.g. 64GiB (default: this machine's RAM)")
+    p.add_argument("--nvme", metavar="PATH", help="NVMe directory for zero3_nvme (its free space is the budget)")
+    p.add_argument("--tile-size", type=int, help="tile edge in pixels when the data section does not say")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (schema terrascale.plan/1)")
+    p.add_argument("--fit-table", metavar="PATH", help="regenerate the fit table of every catalog backbone "
+                   "(e.g. docs/fit_table.md) instead of planning one config")
+    p.set_defaults(func=_plan)
