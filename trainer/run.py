@@ -164,7 +164,8 @@ def setup(exp: Experiment, universal: bool = False) -> Job:
 
     profile = resolve_profile(exp.memory)
     if profile.name == "auto":
-        raise ConfigError(["memory.profile: 'auto' needs the planner, which is not built yet; name a profile"])
+        raise ConfigError(["memory.profile: 'auto' is not chosen at run time yet: run `python launch/plan.py "
+                           "--config <this file>` and set memory.profile to the profile it recommends"])
     prepare_environment(deepspeed=profile.deepspeed is not None)
     has_cuda = cuda_available()
     precision = resolve_precision(exp, profile, has_cuda)
