@@ -127,8 +127,27 @@ class MemoryConfig(_Closed):
     grad_checkpointing: bool | None = None
     quantization: Literal["none", "nf4", "int8"] | None = None
     lora: LoraConfig | None = None
-    # GPU memory budget for `profile: auto` when no GPU can be asked (e.g. "24GiB"); a GPU is measured.
-    gpu_memory: str | None = None
+    # Budgets for `profile: auto` (and `terrascale plan`), e.g. "24GiB", "64GiB". Unset: the detected GPU (else
+    # a 24 GiB RTX 4090) and this machine's RAM. Setting gpu_memory below the card's size keeps room for others.
+    gpu_memory: str | int | None = None
+    cpu_memory: str | int | None = None
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "MemoryConfig":
+        from trainer.units import parse_size
+
+        problems = []
+        for key in ("gpu_memory", "cpu_memory"):
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    if parse_size(value, f"memory.{key}") <= 0:
+                        problems.append(f"memory.{key}: {value!r} must be a positive size")
+                except ConfigError as e:
+                    problems.extend(e.issues)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class RunConfig(_Closed):

@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 
-DEFAULT_GPU = "24GiB"  # the RTX 4090 this launcher is sized for, when no GPU can be asked
+from trainer.memory.auto import DEFAULT_GPU, budgets as _budgets
 
 
 def terratorch_builders():
@@ -38,18 +38,6 @@ def terratorch_builders():
                                                    decoder=exp.model.decoder, necks=necks, **kwargs)
 
     return Builders(full_model=full_model, around=around)
-
-
-def detected_gpu_bytes() -> int | None:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
-    return None
-
-
-def detected_cpu_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @contextlib.contextmanager
@@ -81,17 +69,7 @@ def quiet():
 
 
 def budgets(args: argparse.Namespace, exp) -> tuple[int, int, str]:
-    from trainer.memory.planner import parse_size
-
-    gpu_src = "--gpu-memory"
-    gpu = args.gpu_memory
-    if gpu is None and exp is not None and exp.memory.gpu_memory:
-        gpu, gpu_src = exp.memory.gpu_memory, "memory.gpu_memory"
-    if gpu is None:
-        found = detected_gpu_bytes()
-        gpu, gpu_src = (found, "detected GPU") if found else (DEFAULT_GPU, "default (RTX 4090)")
-    cpu = parse_size(args.cpu_memory, "--cpu-memory") if args.cpu_memory else detected_cpu_bytes()
-    return parse_size(gpu, gpu_src), cpu, gpu_src
+    return _budgets(exp, args.gpu_memory, args.cpu_memory)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -111,7 +89,7 @@ def _plan(args: argparse.Namespace) -> int:
 
         exp = load_experiment(args.config, args.overrides)
         gpu, cpu, gpu_src = budgets(args, exp)
-        plan = plan_experiment(exp, gpu, cpu, args.nvme, tile_size=args.tile_size, builders=terratorch_builders())
+        plan = plan_experiment(exp, gpu, cpu, args.nvme or exp.memory.nvme_path, tile_size=args.tile_size, builders=terratorch_builders())
     if args.json:
         json.dump(plan.to_json(), sys.stdout, indent=1)
         print()
@@ -141,8 +119,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides applied after the file")
     p.add_argument("--gpu-memory", help="GPU budget, e.g. 24GiB (default: memory.gpu_memory, the detected GPU, "
                    f"else {DEFAULT_GPU})")
-    p.add_argument("--cpu-memory", help="CPU RAM budget, e.g. 64GiB (default: this machine's RAM)")
-    p.add_argument("--nvme", metavar="PATH", help="NVMe directory for zero3_nvme (its free space is the budget)")
+    p.add_argument("--cpu-memory", help="CPU RAM budget, e.g. 64GiB (default: memory.cpu_memory, else this machine's RAM)")
+    p.add_argument("--nvme", metavar="PATH", help="NVMe directory for zero3_nvme (its free space is the budget; default: memory.nvme_path)")
     p.add_argument("--tile-size", type=int, help="tile edge in pixels when the data section does not say")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (schema terrascale.plan/1)")
     p.add_argument("--fit-table", metavar="PATH", help="regenerate the fit table of every catalog backbone "

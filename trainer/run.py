@@ -16,6 +16,7 @@ from trainer.config import Experiment, dump_experiment
 from trainer.errors import ConfigError
 from trainer.export import export_job
 from trainer.memory import deepspeed as ds
+from trainer.memory.auto import DEFAULT_GPU
 from trainer.memory.profiles import Profile, check_combination, resolve_profile
 from trainer.report import MetricsLog, plot_curves
 from trainer.trackers import hparams, init_kwargs, offline_env, select_trackers
@@ -137,6 +138,7 @@ class Job:
     val_ds: Any
     per_epoch: int
     total: int
+    auto_choice: Any = None  # trainer.memory.auto.AutoChoice when the config said memory.profile: auto
 
     @property
     def frozen_excluded(self) -> bool:
@@ -152,8 +154,34 @@ class Job:
         return torch.bfloat16 if (self.ds_config is not None and self.precision == "bf16") else torch.float32
 
 
-def setup(exp: Experiment, universal: bool = False) -> Job:
-    """Profile → datasets → DeepSpeed config → Accelerator → model/optimizer/scheduler/loaders, prepared."""
+def resolve_auto(exp: Experiment, resuming: bool):
+    from trainer.memory import auto
+    from trainer.plan_cli import terratorch_builders
+
+    return auto.resolve(exp, resuming, builders=terratorch_builders())
+
+
+def agree_on_auto(accelerator, name: str) -> None:
+    """Every process planned on its own (same config, same hardware); refuse to train if they disagree (e.g.
+    nodes with different GPUs) rather than let ranks build different models."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    names: list = [None] * accelerator.num_processes
+    dist.all_gather_object(names, name)
+    if len(set(names)) > 1:
+        from trainer.errors import PlanError
+
+        raise PlanError(f"memory.profile auto chose different profiles on different processes ({names}): the "
+                        "GPUs differ; set memory.gpu_memory to the smallest card's size or name the profile")
+
+
+def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> Job:
+    """Profile → datasets → DeepSpeed config → Accelerator → model/optimizer/scheduler/loaders, prepared.
+
+    `memory.profile: auto` is replaced by the planner's choice (kept from the job's frozen config when
+    `resuming`); `Job.exp` is the experiment as run, with the concrete profile."""
     from accelerate.utils import set_seed
 
     from trainer.data import build_datasets
@@ -162,10 +190,8 @@ def setup(exp: Experiment, universal: bool = False) -> Job:
     from trainer.models import build_model
     from trainer.runtime import cuda_available, prepare_environment, setup_logging
 
+    exp, auto_choice = resolve_auto(exp, resuming)
     profile = resolve_profile(exp.memory)
-    if profile.name == "auto":
-        raise ConfigError(["memory.profile: 'auto' is not chosen at run time yet: run `python launch/plan.py "
-                           "--config <this file>` and set memory.profile to the profile it recommends"])
     prepare_environment(deepspeed=profile.deepspeed is not None)
     has_cuda = cuda_available()
     precision = resolve_precision(exp, profile, has_cuda)
@@ -189,6 +215,14 @@ def setup(exp: Experiment, universal: bool = False) -> Job:
         raise ConfigError([problem])
     accelerator = make_accelerator(exp, ds_config, precision)
     setup_logging(accelerator.is_main_process)
+    if auto_choice is not None:
+        agree_on_auto(accelerator, auto_choice.profile)
+        log.info("memory.profile auto -> %s", auto_choice.reason)
+        if auto_choice.assumed_gpu:
+            log.warning("no GPU detected and memory.gpu_memory unset: auto planned for a %s RTX 4090; set "
+                        "memory.gpu_memory to the card this job is meant for", DEFAULT_GPU)
+        if accelerator.is_main_process and not auto_choice.kept:
+            log.info("plan this choice was made from:\n%s", auto_choice.table)
     log.info("job %s: profile %s, precision %s, %s, %d process(es), %d steps (%d per epoch)", exp.job_dir,
              profile.name, precision, f"DeepSpeed ZeRO-{ds.zero_stage(ds_config)}" if ds_config else "no DeepSpeed",
              accelerator.num_processes, total, per_epoch)
@@ -215,7 +249,7 @@ def setup(exp: Experiment, universal: bool = False) -> Job:
     if ds_config is None and has_frozen_parameters(model):
         accelerator.register_save_state_pre_hook(drop_frozen_weights)
     return Job(exp, profile, precision, ds_config, accelerator, model, optimizer, scheduler, scheduler_in_engine,
-               train_loader, val_loader, sampler, train_ds, val_ds, per_epoch, total)
+               train_loader, val_loader, sampler, train_ds, val_ds, per_epoch, total, auto_choice)
 
 
 def loop_parts(job: Job, on_log, on_checkpoint, stop: StopRequest):
@@ -238,11 +272,16 @@ def main(exp: Experiment) -> int:
     job_dir = exp.job_dir
     resume_from = find_resume(job_dir, exp.checkpoint.resume)
     universal = needs_universal(resume_from, int(os.environ.get("WORLD_SIZE", "1")))
-    job = setup(exp, universal=universal)
+    job = setup(exp, universal=universal, resuming=resume_from is not None)
+    exp = job.exp  # memory.profile auto resolved
     accelerator = job.accelerator
     if accelerator.is_main_process:
         job_dir.mkdir(parents=True, exist_ok=True)
         freeze_config(exp, job_dir)
+        if job.auto_choice is not None:
+            from trainer.memory.auto import write_plan
+
+            write_plan(job_dir, job.auto_choice)
     metrics_log = MetricsLog(job_dir / "metrics.jsonl", accelerator.is_main_process)
     progress = Progress(world_size=accelerator.num_processes)
     if resume_from is not None:

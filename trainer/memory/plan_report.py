@@ -32,13 +32,17 @@ def step_text(est) -> str:
     return ", ".join(parts)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def text_table(plan: Plan) -> str:
     from trainer.memory import planner
 
     s, b = plan.shape, plan.budget
     head = plan.counts.get("head")
     lines = [f"{plan.backbone} ({plan.mode}): batch {s.batch} x {s.channels} bands x {s.height}x{s.width}, "
-             f"{plan.counts.get('backbone', 0) / 1e9:.2f}B backbone"
+             f"{_count(plan.counts.get('backbone', 0))} backbone"
              + (f" + {head / 1e6:.1f}M neck/decoder/head" if head else "") + f" parameters; budget GPU {_gib(b.gpu)} GiB, "
              f"CPU {_gib(b.cpu)} GiB" + (f", NVMe {b.nvme_path}" if b.nvme_path else ""),
              "",

@@ -18,6 +18,7 @@ from trainer.memory import states as st
 from trainer.memory import workload as wl
 from trainer.memory.measure import Measurer
 from trainer.memory.profiles import Profile, check_combination, resolve_profile
+from trainer.units import parse_size  # noqa: F401  (the planner's public API)
 
 GiB = 1 << 30
 # --- assumptions (no GPU has been measured for this planner; docs/planner.md) ---------------------------
@@ -303,21 +304,8 @@ def choose_profile(exp: Experiment, gpu_bytes: int, cpu_bytes: int, nvme_path: s
     name, reason = pick(plan)
     if name is None:
         raise PlanError(f"no memory profile fits {plan.backbone} in {gpu_bytes / GiB:.1f} GiB of GPU memory and "
-                        f"{cpu_bytes / GiB:.1f} GiB of CPU RAM with a {AUTO_MARGIN:.0%} margin:\n{table}")
+                        f"{cpu_bytes / GiB:.1f} GiB of CPU RAM with a {AUTO_MARGIN:.0%} margin:\n{table}\n"
+                        "To fit: lower data.batch_size or the tile size, give memory.nvme_path (zero3_nvme), raise "
+                        "memory.gpu_memory / memory.cpu_memory if the hardware has more, or name a profile that "
+                        "fits without the margin ('tight') in memory.profile.")
     return profile_for(exp, name), table, reason
-
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6, "mib": 1 << 20, "g": 1 << 30,
-          "gb": 1e9, "gib": 1 << 30, "t": 1 << 40, "tb": 1e12, "tib": 1 << 40}
-
-
-def parse_size(text: str | int, what: str = "size") -> int:
-    """'24GiB', '24 GB', '64G' (G = GiB, as nvidia-smi and free -g count) or a byte count."""
-    if isinstance(text, int):
-        return text
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError([f"{what}: {text!r} is not a size; write e.g. 24GiB, 64GB or 128G"])
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
