@@ -107,11 +107,11 @@ def evaluate(parts: LoopParts) -> dict[str, float]:
     loss_sum, n = torch.zeros((), dtype=torch.float64), 0
     with torch.no_grad():
         for batch in parts.val_loader:
-            raw = _forward(parts, batch)
-            loss = parts.loss_fn(raw.float(), batch["mask"])
+            pred = parts.postprocess(_forward(parts, batch).float())
+            loss = parts.loss_fn(pred, batch["mask"])
             loss_sum += acc.reduce(loss.detach().float(), reduction="mean").double().cpu()
             n += 1
-            pred, target = acc.gather_for_metrics((parts.postprocess(raw.float()), batch["mask"]))
+            pred, target = acc.gather_for_metrics((pred, batch["mask"]))
             parts.metrics.update(pred.cpu(), target.cpu())
     model.train()
     out = {"loss": float(loss_sum / max(n, 1))}
@@ -143,8 +143,8 @@ def train(parts: LoopParts, progress: Progress) -> tuple[Progress, bool]:
             for _ in range(gas):
                 batch = next(batches)
                 with acc.accumulate(parts.model):
-                    raw = _forward(parts, batch)
-                    loss = parts.loss_fn(raw.float(), batch["mask"])
+                    # the loss sees what the metrics see (regression: the sigmoid-bounded coherence)
+                    loss = parts.loss_fn(parts.postprocess(_forward(parts, batch).float()), batch["mask"])
                     acc.backward(loss)
                     if acc.sync_gradients and run.grad_clip and not acc.distributed_type == "DEEPSPEED":
                         acc.clip_grad_norm_(parts.model.parameters(), run.grad_clip)
