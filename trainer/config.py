@@ -39,6 +39,9 @@ class TaskConfig(_Closed):
     ignore_index: int = -1
     loss: Literal["ce", "dice", "ce_dice", "focal", "mse", "l1", "huber"] = "ce"
     class_weights: list[float] | None = None
+    # change_detection only (trainer/temporal.py); None = the default: diff fusion over 2 dates
+    fusion: Literal["diff", "concat", "native"] | None = None
+    num_dates: int | None = Field(None, ge=2)
 
     @model_validator(mode="after")
     def _weights_match_classes(self) -> "TaskConfig":
@@ -48,6 +51,24 @@ class TaskConfig(_Closed):
                 f"{self.num_classes}: give one weight per class"
             )
         return self
+
+    @model_validator(mode="after")
+    def _dates_only_for_change_detection(self) -> "TaskConfig":
+        given = [k for k in ("fusion", "num_dates") if getattr(self, k) is not None]
+        if given and self.name != "change_detection":
+            raise ValueError(f"{' and '.join('task.' + k for k in given)} only apply to task.name=change_detection "
+                             f"(this task is {self.name}): remove them")
+        return self
+
+    @property
+    def dates(self) -> int:
+        """How many co-registered dates one sample holds: 1, or task.num_dates (default 2) for change detection."""
+        return (self.num_dates or 2) if self.name == "change_detection" else 1
+
+    @property
+    def date_fusion(self) -> str:
+        """How change detection fuses the dates' features: task.fusion, default diff."""
+        return self.fusion or "diff"
 
 
 class SyntheticConfig(_Closed):
@@ -199,6 +220,14 @@ class Experiment(_Closed):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _native_fusion_is_prithvis(self) -> "Experiment":
+        # one ViT over all T frames (num_frames=T) is a Prithvi ability; other backbones take one date at a time
+        if self.task.date_fusion == "native" and not self.model.backbone.startswith("prithvi"):
+            raise ValueError(f"task.fusion: 'native' is Prithvi's multi-frame input; {self.model.backbone!r} takes "
+                             "one date at a time: use task.fusion=diff or concat")
+        return self
 
     @property
     def job_dir(self) -> Path:

@@ -2,7 +2,7 @@
 TerraTorch's necks → decoder → head. The model takes our datasets' layout [B, T, C, H, W] and returns
 logits [B, num_classes, H, W].
 
-`task.fusion` chooses how dates meet (read with getattr until TaskConfig carries the field):
+`task.fusion` chooses how dates meet, `task.num_dates` how many the model takes (default 2):
 - diff (default): TerraTorch's `TemporalWrapper` runs one backbone over every date (shared weights) and
   subtracts the features, f(t0) - f(t1). With T > 2 dates it subtracts the last date from the mean of the
   earlier ones (`subset_lengths=[T-1, 1]`). Channels stay those of one date, so a single-date necks/decoder
@@ -41,17 +41,8 @@ class TemporalSettings:
 
 
 def temporal_settings(task: TaskConfig) -> TemporalSettings:
-    """`task.fusion` / `task.num_dates`, defaulting to diff / 2 while TaskConfig lacks the fields."""
-    fusion = getattr(task, "fusion", "diff")
-    num_dates = getattr(task, "num_dates", 2)
-    issues = []
-    if fusion not in FUSIONS:
-        issues.append(f"task.fusion: {fusion!r} is not one of {', '.join(FUSIONS)}")
-    if not isinstance(num_dates, int) or num_dates < 2:
-        issues.append(f"task.num_dates: change detection needs at least 2 dates, got {num_dates!r}")
-    if issues:
-        raise ConfigError(issues)
-    return TemporalSettings(fusion, num_dates)
+    """`task.fusion` / `task.num_dates`, defaulting to diff / 2 (the config validates both)."""
+    return TemporalSettings(task.date_fusion, task.dates)
 
 
 class _ProfileHooks(nn.Module):
@@ -147,9 +138,7 @@ def temporal_backbone(exp: Experiment, kwargs: dict[str, Any], necks: list[dict[
     name = exp.model.backbone
     if s.fusion != "native":
         return SharedEncoder(BACKBONE_REGISTRY.build(name, **backbone_kwargs), s.fusion, s.num_dates), rest, necks
-    if not name.startswith("prithvi"):
-        raise ConfigError(f"task.fusion: 'native' is Prithvi's multi-frame input; {name!r} takes one date at a time: "
-                          "use task.fusion=diff or concat")
+    # (that only Prithvi takes native fusion is the config's rule: Experiment._native_fusion_is_prithvis)
     frames = backbone_kwargs.get("num_frames", 1)
     if frames not in (1, s.num_dates):
         raise ConfigError(f"model.backbone_kwargs.num_frames={frames} but task.num_dates={s.num_dates}: with "

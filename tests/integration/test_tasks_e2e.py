@@ -6,8 +6,10 @@
   and exports. All runs share one interpreter (`runpy` of the launcher script per run): TerraTorch's import
   (15-30 s here) is paid once instead of twelve times.
 - Regression trains and is scored on the same bounded output: with MSE, val loss == RMSE^2.
-- `launch/predict.py` runs on the trained Prithvi jobs over scenes mosaicked from several val tiles; the
-  outputs keep the input's georeferencing.
+- Multi-temporal change detection: 3 dates fused by concatenation and by Prithvi's native frames train the
+  same way (`task.num_dates=3`), on synthetic tiles with 3 dates.
+- `launch/predict.py` runs on the trained Prithvi jobs (one of them 3 dates) and a LoRA job over scenes
+  mosaicked from several val tiles; the outputs keep the input's georeferencing.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ TINY_OVERRIDE = {"prithvi": "model.backbone=prithvi_eo_tiny", "terramind": "mode
                  "earthmind": "model.backbone_kwargs.tiny=true", "internvl2_26b": "model.backbone_kwargs.tiny=true"}
 TASK_NAME = {"forest": "segmentation", "insar": "regression", "change": "change_detection"}
 MATRIX = [f"{b}_{t}" for b in TINY_OVERRIDE for t in TASK_NAME]
+# Extra runs: (config, overrides, data set) -- 3-date change detection, both ways of fusing the dates.
+TEMPORAL = {"prithvi_change_t3_concat": ("prithvi_change", ["task.num_dates=3", "task.fusion=concat"], "change3"),
+            "prithvi_change_t3_native": ("prithvi_change", ["task.num_dates=3", "task.fusion=native"], "change3")}
+RUNS = {**{name: (name, [], name.rsplit("_", 1)[1]) for name in MATRIX}, **TEMPORAL}
 VAL_METRICS = {"segmentation": ["miou", "f1_class_1", "precision_class_1", "recall_class_1"],
                "regression": ["rmse", "mae", "r2"], "change_detection": ["f1", "iou", "precision", "recall"]}
 # Shrinks every run to two steps on 32 px tiles; n_val equals the batch so validation is one batch.
@@ -45,7 +51,8 @@ SIZE = {"prithvi": ["model.backbone_kwargs.img_size=32"], "terramind": [],
         "internvl2_26b": ["model.backbone_kwargs.image_size=32", "memory.profile=lora"]}
 # Jobs predicted after training, with extra predict options. earthmind_change trained with LoRA: its export's
 # merged weights load into a plain model.
-PREDICT = {"prithvi_forest": [], "prithvi_insar": [], "prithvi_change": ["--probabilities"], "earthmind_change": []}
+PREDICT = {"prithvi_forest": [], "prithvi_insar": [], "prithvi_change": ["--probabilities"], "earthmind_change": [],
+           "prithvi_change_t3_native": []}
 # launch/*.py run one after another in this interpreter; prints their exit codes as JSON.
 DRIVER = """
 import json, runpy, sys
@@ -99,23 +106,24 @@ def matrix_runs(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("matrix")
     runs, scenes = [], {}
-    for name in MATRIX:
-        backbone, task = name.rsplit("_", 1)
-        overrides = [*documented_tiny_command(name), *SIZE[backbone], *FAST, f"data.root={tmp / 'data' / task}",
+    for name, (config, extra, data) in RUNS.items():
+        backbone = config.rsplit("_", 1)[0]
+        overrides = [*documented_tiny_command(config), *SIZE[backbone], *FAST, *extra, f"data.root={tmp / 'data' / data}",
                      f"checkpoint.dir={tmp / name}"]
         if name == "prithvi_insar":
             overrides.append("task.loss=mse")  # val loss must then equal RMSE^2
-        exp = load_experiment(CONFIG_DIR / f"{name}.yaml", overrides)
-        if task not in scenes:  # the data the runs will find, and scenes mosaicked from its 8 val tiles
+        exp = load_experiment(CONFIG_DIR / f"{config}.yaml", overrides)
+        if data not in scenes:  # the data the runs will find, and scenes mosaicked from its 8 val tiles
             s = exp.data.synthetic
-            root = generate_synthetic(exp.task.name, exp.data.root, s.n_train, s.n_val, s.tile_size, s.num_bands, s.seed)
+            root = generate_synthetic(exp.task.name, exp.data.root, s.n_train, s.n_val, s.tile_size, s.num_bands, s.seed,
+                                      num_dates=exp.task.dates)
             images = root / "val" / "images"
-            dates = ["_t0", "_t1"] if task == "change" else [""]
-            scenes[task] = [_scene(sorted(images.glob(f"*{d}.tif")), tmp / f"scene_{task}{d}.tif") for d in dates]
-        runs.append([name, str(ROOT / "launch/train.py"), ["--config", str(CONFIG_DIR / f"{name}.yaml"), *overrides]])
+            dates = [f"_t{t}" for t in range(exp.task.dates)] if exp.task.dates > 1 else [""]
+            scenes[data] = [_scene(sorted(images.glob(f"*{d}.tif")), tmp / f"scene_{data}{d}.tif") for d in dates]
+        runs.append([name, str(ROOT / "launch/train.py"), ["--config", str(CONFIG_DIR / f"{config}.yaml"), *overrides]])
     for job in PREDICT:
-        task = job.rsplit("_", 1)[1]
-        inputs = ["--input", str(scenes[task][0])] + (["--input2", str(scenes[task][1])] if task == "change" else [])
+        first, *later = scenes[RUNS[job][2]]
+        inputs = ["--input", str(first)] + [arg for date in later for arg in ("--input2", str(date))]
         runs.append([f"predict_{job}", str(ROOT / "launch/predict.py"),
                      ["--job", str(tmp / job), *inputs, "--out", str(tmp / "pred" / f"{job}.tif"), "--tile", "32",
                       "--overlap", "8", *PREDICT[job]]])
@@ -136,11 +144,13 @@ def _records(job: Path, split: str) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", MATRIX)
+@pytest.mark.parametrize("name", list(RUNS))
 def test_tiny_variant_trains_two_steps_and_exports(matrix_runs, name):
     _ok(matrix_runs, name)
     job = matrix_runs["tmp"] / name
     exp = load_experiment(job / "config.yaml")
+    if name in TEMPORAL:  # the frozen config keeps the dates and the fusion the run trained with
+        assert (exp.task.dates, exp.task.fusion) == (3, TEMPORAL[name][1][1].split("=")[1])
     assert [r["step"] for r in _records(job, "train")] == [1, 2]
     val = _records(job, "val")[-1]
     assert val["step"] == 2
@@ -166,7 +176,7 @@ def test_regression_loss_and_metrics_see_the_same_bounded_output(matrix_runs):
 def test_predict_cli_on_trained_job_keeps_georeferencing(matrix_runs, job):
     _ok(matrix_runs, job)
     _ok(matrix_runs, f"predict_{job}")
-    task = job.rsplit("_", 1)[1]
+    task = RUNS[job][2]
     out = matrix_runs["tmp"] / "pred" / f"{job}.tif"
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     with rasterio.open(matrix_runs["scenes"][task][0]) as src, rasterio.open(out) as pred:

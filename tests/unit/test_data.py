@@ -229,7 +229,22 @@ def test_change_detection_naming_rule(tmp_path):
         build_datasets(experiment(root, task="change_detection"))
     write_tif(root / "val" / "images" / "tile0.tif", np.ones((3, 8, 8), "float32"))
     with pytest.raises(DataError, match=r"val/images/tile0.tif .* not named <tile>_t<k>.tif"):
-        find_samples(root, "val/images/*.tif", "val/labels/*.tif", temporal=True)
+        find_samples(root, "val/images/*.tif", "val/labels/*.tif", num_dates=2)
+
+
+def test_change_detection_dates_must_match_task_num_dates(tmp_path):
+    root = make_tiles(tmp_path / "d", task="change_detection")
+    exp = experiment(root, task="change_detection")
+    with pytest.raises(DataError, match=r"tiles have 2 dates .*tile0_t0.tif.* but the model is built for "
+                                        r"task.num_dates=3: set task.num_dates=2"):
+        build_datasets(exp.model_copy(update={"task": exp.task.model_copy(update={"num_dates": 3})}))
+    for split, n in (("train", 2), ("val", 1)):  # a third date for every tile: now 3 dates it is
+        for i in range(n):
+            write_tif(root / split / "images" / f"tile{i}_t2.tif", np.ones((3, 8, 8), "float32"))
+    train, _ = build_datasets(exp.model_copy(update={"task": exp.task.model_copy(update={"num_dates": 3})}))
+    assert train[0]["image"].shape == (3, 3, 8, 8)
+    with pytest.raises(DataError, match=r"tiles have 3 dates .* set task.num_dates=3"):
+        build_datasets(exp)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,9 +272,11 @@ def test_stats_streaming_nodata_aware_atomic_idempotent(tmp_path):
 # Synthetic data
 
 
-@pytest.mark.parametrize("task,n_dates", [("segmentation", 1), ("regression", 1), ("change_detection", 2)])
+@pytest.mark.parametrize("task,n_dates", [("segmentation", 1), ("regression", 1), ("change_detection", 2),
+                                          ("change_detection", 3)])
 def test_synthetic_is_georeferenced_and_builds(tmp_path, task, n_dates):
-    root = generate_synthetic(task, tmp_path / "syn", n_train=4, n_val=2, tile_size=16, num_bands=4, seed=1)
+    root = generate_synthetic(task, tmp_path / "syn", n_train=4, n_val=2, tile_size=16, num_bands=4, seed=1,
+                              num_dates=n_dates)
     images = sorted((root / "train" / "images").glob("*.tif"))
     assert len(images) == 4 * n_dates and (root / "stats.json").is_file()
     origins = set()
@@ -268,12 +285,13 @@ def test_synthetic_is_georeferenced_and_builds(tmp_path, task, n_dates):
             assert src.crs.to_epsg() == 32650 and src.res == (10.0, 10.0) and src.count == 4
             origins.add((src.transform.c, src.transform.f))
     assert len(origins) == 4  # one distinct offset per tile (dates of a tile share theirs)
-    exp = Experiment.model_validate({"task": {"name": task, "loss": "mse" if task == "regression" else "ce"},
+    dates = {"num_dates": n_dates} if n_dates > 1 else {}
+    exp = Experiment.model_validate({"task": {"name": task, "loss": "mse" if task == "regression" else "ce", **dates},
                                      "data": {"kind": "synthetic", "root": str(root), "synthetic": {
                                          "n_train": 4, "n_val": 2, "tile_size": 16, "num_bands": 4, "seed": 1}}})
     train, val = build_datasets(exp)
     assert len(train) == 4 and len(val) == 2
-    assert train[0]["image"].shape == ((2, 4, 16, 16) if n_dates == 2 else (4, 16, 16))
+    assert train[0]["image"].shape == ((n_dates, 4, 16, 16) if n_dates > 1 else (4, 16, 16))
     bad = build_datasets  # the same folder with other parameters is refused, not silently reused
     with pytest.raises(DataError, match="other parameters"):
         bad(exp.model_copy(update={"data": exp.data.model_copy(update={"synthetic": exp.data.synthetic.model_copy(
@@ -309,13 +327,14 @@ def test_synthetic_refuses_nonempty_foreign_root(tmp_path):
         generate_synthetic("segmentation", tmp_path / "syn", 2, 1, 16, 6, 0)
 
 
-def _fit(task: str, tmp_path: Path, steps: int = 100) -> float:
+def _fit(task: str, tmp_path: Path, steps: int = 100, num_dates: int | None = None) -> float:
     """A per-pixel linear model (1x1 conv) trained briefly with our loss → val IoU of class 1, or R2.
 
     Scored by hand rather than MetricSuite (tested in test_tasks.py): importing torchmetrics costs ~8 s.
     """
-    exp = Experiment.model_validate({"task": {"name": task, "loss": "mse" if task == "regression" else "ce"},
-                                     "data": {"root": str(tmp_path / task), "synthetic": {
+    dates = {"num_dates": num_dates} if num_dates else {}
+    exp = Experiment.model_validate({"task": {"name": task, "loss": "mse" if task == "regression" else "ce", **dates},
+                                     "data": {"root": str(tmp_path / f"{task}{num_dates or ''}"), "synthetic": {
                                          "n_train": 8, "n_val": 4, "tile_size": 32}}})
     train, val = build_datasets(exp)
 
@@ -352,6 +371,7 @@ def test_synthetic_is_learnable(tmp_path):
     # Chance: calling every pixel disturbed/changed scores the class fraction (about 0.17 and 0.12).
     assert _fit("segmentation", tmp_path) > 0.7
     assert _fit("change_detection", tmp_path) > 0.5
+    assert _fit("change_detection", tmp_path, num_dates=3) > 0.5  # changes spread over the later dates
     assert _fit("regression", tmp_path) > 0.6  # predicting the mean scores 0
 
 

@@ -7,27 +7,24 @@ shape, date-order sensitivity, a safetensors round trip through `load_exported`,
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from trainer.config import Experiment, TaskConfig
+import yaml
+
+from trainer.config import Experiment, TaskConfig, build_experiment, dump_experiment
 from trainer.errors import ConfigError
-from trainer.temporal import FUSIONS, SharedEncoder, temporal_settings
+from trainer.temporal import FUSIONS, SharedEncoder, TemporalSettings, temporal_settings
 
 NECKS = [{"name": "SelectIndices", "indices": [-4, -3, -2, -1]}, {"name": "ReshapeTokensToImage"},
          {"name": "LearnedInterpolateToPyramidal"}]
 BANDS = ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]
 
 
-def change_task(fusion: str = "diff", num_dates: int = 2):
-    """A change-detection task with task.fusion/num_dates: the typed fields once TaskConfig has them, else the
-    same attributes on a stand-in (trainer.temporal reads them with getattr)."""
-    if "fusion" in TaskConfig.model_fields:
-        return TaskConfig(name="change_detection", fusion=fusion, num_dates=num_dates)
-    return SimpleNamespace(**TaskConfig(name="change_detection").model_dump(), fusion=fusion, num_dates=num_dates)
+def change_task(fusion: str = "diff", num_dates: int = 2) -> TaskConfig:
+    return TaskConfig(name="change_detection", fusion=fusion, num_dates=num_dates)
 
 
 def change_exp(fusion: str = "diff", num_dates: int = 2, backbone: str = "prithvi_eo_tiny", **backbone_kwargs):
@@ -52,12 +49,18 @@ class ToyBackbone(nn.Module):
 
 
 def test_settings_default_and_refuse_bad_values():
-    assert temporal_settings(TaskConfig(name="change_detection")) == temporal_settings(change_task())
-    assert temporal_settings(change_task()).fusion == "diff" and temporal_settings(change_task()).num_dates == 2
-    with pytest.raises(ConfigError, match=r"task.fusion: 'sum' is not one of diff, concat, native"):
-        temporal_settings(SimpleNamespace(fusion="sum", num_dates=2))
-    with pytest.raises(ConfigError, match="task.num_dates: change detection needs at least 2 dates, got 1"):
-        temporal_settings(SimpleNamespace(fusion="diff", num_dates=1))
+    assert temporal_settings(TaskConfig(name="change_detection")) == TemporalSettings("diff", 2)
+    assert temporal_settings(change_task("concat", 3)) == TemporalSettings("concat", 3)
+    for bad, message in [({"fusion": "sum"}, r"task.fusion: .*'diff', 'concat' or 'native'"),
+                         ({"num_dates": 1}, r"task.num_dates: .*greater than or equal to 2")]:
+        with pytest.raises(ConfigError, match=message):
+            build_experiment({"task": {"name": "change_detection", **bad}}, source="test")
+    with pytest.raises(ConfigError, match="task.fusion and task.num_dates only apply to task.name=change_detection "
+                                          r"\(this task is segmentation\): remove them"):
+        build_experiment({"task": {"name": "segmentation", "fusion": "diff", "num_dates": 3}}, source="test")
+    # a frozen job config of any task reloads (the fields dump as null)
+    exp = build_experiment({"task": {"name": "regression", "loss": "mse"}}, source="test")
+    assert build_experiment(yaml.safe_load(dump_experiment(exp)), source="frozen").task == exp.task
 
 
 @pytest.mark.parametrize("fusion,num_dates", [("diff", 2), ("concat", 2), ("diff", 3), ("concat", 3)])
@@ -123,8 +126,9 @@ def test_diff_of_identical_dates_sees_no_change():
 def test_config_mistakes_name_the_key():
     from trainer.models import build_model
 
-    with pytest.raises(ConfigError, match="task.fusion: 'native' is Prithvi's"):
-        build_model(change_exp("native", backbone="terramind_v1_tiny", modalities=["S2L2A"]))
+    with pytest.raises(ConfigError, match="task.fusion: 'native' is Prithvi's multi-frame input; 'terramind_v1_tiny'"):
+        build_experiment({"model": {"backbone": "terramind_v1_tiny"},
+                          "task": {"name": "change_detection", "fusion": "native"}}, source="test")
     with pytest.raises(ConfigError, match="model.backbone_kwargs.use_temporal"):
         build_model(change_exp("diff", img_size=32, bands=BANDS, use_temporal=True))
     with pytest.raises(ConfigError, match="num_frames=4 but task.num_dates=2"):

@@ -45,15 +45,15 @@ def build_datasets(exp: Experiment, *, is_main: bool = True,
     if data.kind == "synthetic":
         syn = data.synthetic
         if is_main or barrier is None:
-            generate_synthetic(task.name, root, syn.n_train, syn.n_val, syn.tile_size, syn.num_bands, syn.seed)
+            generate_synthetic(task.name, root, syn.n_train, syn.n_val, syn.tile_size, syn.num_bands, syn.seed,
+                               num_dates=task.dates)
         if barrier is not None:
             barrier()
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist (or is not a folder): point data.root at the folder "
                         "holding train/ and val/, or use data.kind=synthetic to generate one")
-    temporal = task.name == "change_detection"
-    train = find_samples(root, data.train_images, data.train_labels, temporal)
-    val = find_samples(root, data.val_images, data.val_labels, temporal)
+    train = find_samples(root, data.train_images, data.train_labels, task.dates)
+    val = find_samples(root, data.val_images, data.val_labels, task.dates)
     stats_path = Path(data.stats) if data.stats else root / "stats.json"
     stats = load_or_compute_stats([p for s in train for p in s.images], stats_path, nodata=data.nodata,
                                   is_main=is_main, barrier=barrier)

@@ -111,8 +111,8 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def _group_dates(images: list[str], pattern: str) -> dict[str, tuple[str, ...]]:
-    """`<tile>_t<k>` files → {tile: (t0, t1, ...)}; every tile must have the same dates 0..T-1."""
+def _group_dates(images: list[str], pattern: str, num_dates: int) -> dict[str, tuple[str, ...]]:
+    """`<tile>_t<k>` files → {tile: (t0, t1, ...)}; every tile must have the dates 0..T-1, T = task.num_dates."""
     dates: dict[str, dict[int, str]] = defaultdict(dict)
     for path in images:
         m = DATE_SUFFIX.match(_stem(path))
@@ -124,6 +124,11 @@ def _group_dates(images: list[str], pattern: str) -> dict[str, tuple[str, ...]]:
     if n_dates < 2:
         raise DataError(f"change detection needs at least two dates per tile but {pattern!r} found only _t0 "
                         "files: add the <tile>_t1.tif images")
+    if n_dates != num_dates:
+        tile = next(t for t, d in dates.items() if len(d) == n_dates)
+        raise DataError(f"tiles have {n_dates} dates (e.g. {sorted(dates[tile].values())}) but the model is built "
+                        f"for task.num_dates={num_dates}: set task.num_dates={n_dates}, or keep only the dates "
+                        f"_t0.._t{num_dates - 1} under {pattern!r}")
     for tile, by_date in dates.items():
         if sorted(by_date) != list(range(n_dates)):
             raise DataError(f"tile {tile!r} has dates {sorted(by_date)} but tiles must have dates 0..{n_dates - 1} "
@@ -131,12 +136,13 @@ def _group_dates(images: list[str], pattern: str) -> dict[str, tuple[str, ...]]:
     return {tile: tuple(by_date[t] for t in range(n_dates)) for tile, by_date in dates.items()}
 
 
-def find_samples(root: Path, images_glob: str, labels_glob: str, temporal: bool = False) -> list[Sample]:
-    """Pair images and labels by sorted order and file stem; any file without its partner is an error."""
+def find_samples(root: Path, images_glob: str, labels_glob: str, num_dates: int = 1) -> list[Sample]:
+    """Pair images and labels by sorted order and file stem; any file without its partner is an error. With
+    `num_dates` > 1 (change detection) each image is one date, `<tile>_t<k>`, and every tile has them all."""
     images = glob_files(root, images_glob)
     labels = glob_files(root, labels_glob)
-    if temporal:
-        groups = _group_dates(images, images_glob)
+    if num_dates > 1:
+        groups = _group_dates(images, images_glob, num_dates)
     else:
         groups = {}
         for path in images:

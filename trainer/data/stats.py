@@ -106,7 +106,7 @@ def write_stats_for(exp, force: bool = False) -> Path:
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist: point it at the folder holding train/ and val/")
     path = Path(data.stats) if data.stats else root / "stats.json"
-    train = find_samples(root, data.train_images, data.train_labels, exp.task.name == "change_detection")
+    train = find_samples(root, data.train_images, data.train_labels, exp.task.dates)
     files = [p for s in train for p in s.images]
     if force or not path.is_file():
         write_stats(path, compute_stats(files, nodata=data.nodata))

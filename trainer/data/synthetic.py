@@ -9,8 +9,8 @@ east of the train tiles so the two never overlap. Layout is the one `geotiff.py`
 - regression: Sentinel-1 VV/VH backscatter in dB (float32, nodata -9999); target = InSAR coherence, a
   smooth sigmoid of VV and the VH-VV ratio plus noise, in [0, 1], NaN where masked. Bands beyond 2 are
   VV/VH of further repeat-pass dates (independent speckle).
-- change_detection: two dates `<tile>_t0/_t1` of S2 bands; clearings that appear at t1 are change (1);
-  older clearings present at both dates are not.
+- change_detection: T dates `<tile>_t0 ... _t<T-1>` (default 2) of S2 bands; clearings that appear after t0
+  are change (1), each region at one of the later dates; older clearings present at every date are not.
 """
 from __future__ import annotations
 
@@ -98,14 +98,21 @@ def _segmentation(rng, size, num_bands):
     return {"": _to_dn(_reflectance(rng, num_bands, cleared, size), nodata)}, _label(cleared, nodata)
 
 
-def _change(rng, size, num_bands):
+def _change(rng, size, num_bands, num_dates=2):
     old = _blobs(rng, size, 2, _smooth(rng, size, waves=6))
     new = _blobs(rng, size, 3, _smooth(rng, size, waves=6)) & ~old
-    nodata = _swath_edge(rng, size, p=0.15)  # a cloud mask on the second date
-    t0 = _reflectance(rng, num_bands, old, size)
-    t1 = _reflectance(rng, num_bands, old | new, size) * rng.uniform(0.95, 1.05)  # other sun angle, atmosphere
+    nodata = _swath_edge(rng, size, p=0.15)  # a cloud mask on the last date
+    # With more than two dates each region of new clearings appears at one later date (a smooth field picks
+    # which); drawn only then, so two-date tiles stay what they were.
+    appear = (np.ones((size, size), int) if num_dates == 2 else
+              1 + np.clip(((_smooth(rng, size) + 1) / 2 * (num_dates - 1)).astype(int), 0, num_dates - 2))
     none = np.zeros_like(nodata)
-    return {"_t0": _to_dn(t0, none), "_t1": _to_dn(t1, nodata)}, _label(new, nodata)
+    dates = {"_t0": _to_dn(_reflectance(rng, num_bands, old, size), none)}
+    for t in range(1, num_dates):
+        # other sun angle, atmosphere at every date
+        refl = _reflectance(rng, num_bands, old | (new & (appear <= t)), size) * rng.uniform(0.95, 1.05)
+        dates[f"_t{t}"] = _to_dn(refl, nodata if t == num_dates - 1 else none)
+    return dates, _label(new, nodata)
 
 
 def _regression(rng, size, num_bands):
@@ -139,7 +146,8 @@ def _write(path: Path, data: np.ndarray, transform, crs: CRS, nodata, descriptio
             dst.scales = (scale,) * data.shape[0]
 
 
-def _write_split(task: str, out: Path, split: str, n: int, size: int, num_bands: int, rng, origin) -> list[Path]:
+def _write_split(task: str, out: Path, split: str, n: int, size: int, num_bands: int, rng, origin,
+                 num_dates: int) -> list[Path]:
     (out / split / "images").mkdir(parents=True)
     (out / split / "labels").mkdir(parents=True)
     crs = CRS.from_string(CRS_UTM50N)
@@ -154,7 +162,8 @@ def _write_split(task: str, out: Path, split: str, n: int, size: int, num_bands:
         row, col = divmod(i, GRID_COLS)
         # North-up: x grows east, y shrinks south.
         transform = Affine(PIXEL_M, 0.0, origin[0] + col * size * PIXEL_M, 0.0, -PIXEL_M, origin[1] - row * size * PIXEL_M)
-        dates, label = _MAKERS[task](rng, size, num_bands)
+        dates, label = (_change(rng, size, num_bands, num_dates) if task == "change_detection"
+                        else _MAKERS[task](rng, size, num_bands))
         tile = f"tile_{i:04d}"
         for suffix, data in dates.items():
             path = out / split / "images" / f"{tile}{suffix}.tif"
@@ -169,7 +178,7 @@ def _has_tiles(root: Path) -> bool:
 
 
 def generate_synthetic(task: str, root: str | Path, n_train: int = 64, n_val: int = 16, tile_size: int = 64,
-                       num_bands: int = 6, seed: int = 0) -> Path:
+                       num_bands: int = 6, seed: int = 0, num_dates: int = 2) -> Path:
     """Write the dataset into `root` atomically: built in a sibling temp dir, then renamed into place.
 
     When two processes race, the first rename wins and the loser discards its copy and uses the winner's
@@ -180,14 +189,16 @@ def generate_synthetic(task: str, root: str | Path, n_train: int = 64, n_val: in
     root = Path(root)
     params = {"task": task, "n_train": n_train, "n_val": n_val, "tile_size": tile_size, "num_bands": num_bands,
               "seed": seed}
+    if task == "change_detection" and num_dates != 2:  # absent for two dates: folders made before stay valid
+        params["num_dates"] = num_dates
     if not _has_tiles(root):
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = root.parent / f".{root.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         try:
             rng = np.random.default_rng(seed)
-            train = _write_split(task, tmp, "train", n_train, tile_size, num_bands, rng, TRAIN_ORIGIN)
+            train = _write_split(task, tmp, "train", n_train, tile_size, num_bands, rng, TRAIN_ORIGIN, num_dates)
             val_origin = (TRAIN_ORIGIN[0] + (GRID_COLS * tile_size + 100) * PIXEL_M, TRAIN_ORIGIN[1])
-            _write_split(task, tmp, "val", n_val, tile_size, num_bands, rng, val_origin)
+            _write_split(task, tmp, "val", n_val, tile_size, num_bands, rng, val_origin, num_dates)
             write_stats(tmp / "stats.json", compute_stats(train))
             (tmp / "synthetic.json").write_text(json.dumps(params, indent=2))
             try:
