@@ -345,3 +345,27 @@ def test_plan_config_error_exits_2_with_the_message(tmp_path):
     proc, _, _ = _run_plan(tmp_path, str(cfg), "--config", str(cfg))
     assert proc.returncode == 2
     assert "model.decodr: unknown key; did you mean 'model.decoder'?" in proc.stderr
+
+
+# --- change detection: T dates -----------------------------------------------------------------------
+def test_change_detection_plans_every_date_through_the_shared_encoder():
+    from trainer.config import build_experiment
+    from trainer.memory import workload as wl
+    from trainer.memory.measure import Measurer
+
+    def exp(task: dict):
+        return build_experiment({"model": {"backbone": "earthmind_4b", "backbone_kwargs": {"in_channels": 6}},
+                                 "task": task, "data": {"batch_size": 2, "synthetic": {"tile_size": 32}}}, source="t")
+
+    single = wl.input_shape(exp({"name": "segmentation"}))
+    assert single.tensor() == (2, 6, 32, 32) and "dates" not in single.key()  # keys of the shipped seed hold
+    change = exp({"name": "change_detection", "num_dates": 3, "fusion": "concat"})
+    shape = wl.input_shape(change)
+    assert shape.tensor() == (2, 3, 6, 32, 32) and shape.key()["dates"] == 3
+    assert shape.per_date().tensor() == (6, 6, 32, 32)  # the encoder sees B x T images
+    feature = [[6, 64, 8, 8], "bfloat16"]  # what the encoder trace returns at B x T
+    # the decoder sees B samples: concat stacks the dates' channels, diff keeps one date's
+    assert Measurer(change, shape, None)._fused(feature, [64, 64]) == ([[2, 192, 8, 8], "bfloat16"], [192, 192])
+    diff = exp({"name": "change_detection", "num_dates": 3})
+    assert Measurer(diff, wl.input_shape(diff), None)._fused(feature, [64, 64]) == ([[2, 64, 8, 8], "bfloat16"],
+                                                                                   [64, 64])

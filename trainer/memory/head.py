@@ -78,7 +78,7 @@ def _trace_with_loss(exp, model, shape, mode, fake, extra_inputs=()) -> dict:
 
     def inputs():
         holder["y"] = make_target()
-        return (torch.randn(shape.batch, shape.channels, shape.height, shape.width, dtype=input_dtype(mode)),)
+        return (torch.randn(*shape.tensor(), dtype=input_dtype(mode)),)
 
     t = trace_step(model, inputs, lambda out: loss(out, holder["y"]),
                    autocast=DTYPES[mode.precision] if mode.autocast else None, fake_mode=fake)
@@ -89,7 +89,7 @@ def head_step(exp: Experiment, outputs: list[list[int]], out_dtypes: list[str], 
               shape: InputShape, mode: TraceMode, builders: Builders | None) -> tuple[dict, bool]:
     """The head's traced step on top of features shaped `outputs`; (result, was_cached)."""
     spec = {"kind": "head", **_model_spec(exp), "features": outputs, "feature_dtypes": out_dtypes,
-            "out_channels": out_channels, "input": dataclasses.asdict(shape),
+            "out_channels": out_channels, "input": shape.key(),
             "mode": {"precision": mode.precision, "autocast": mode.autocast}, "torch": torch.__version__,
             "terratorch": _version("terratorch")}
 
@@ -125,7 +125,7 @@ def whole_step(exp: Experiment, shape: InputShape, mode: TraceMode, builders: Bu
                lora_targets_of: Callable[[nn.Module], list[str] | None]) -> tuple[dict, bool]:
     """A TerraTorch-built model traced whole at full depth; (result incl. counts, was_cached)."""
     spec = {"kind": "whole", "model": exp.model.model_dump(mode="json"), "task": _model_spec(exp),
-            "input": dataclasses.asdict(shape), "mode": mode.key(), "torch": torch.__version__,
+            "input": shape.key(), "mode": mode.key(), "torch": torch.__version__,
             "terratorch": _version("terratorch")}
 
     def compute() -> dict:

@@ -59,15 +59,28 @@ class Measurer:
         counts = self.own_counts(profile)
         mode = wl.trace_mode(profile, precision, self.exp, counts["targets"])
         bb = self._once(str(mode.key()), lambda: self._backbone(counts, mode))
-        feature = bb["outputs"][0]
+        feature, out_channels = self._fused(bb["outputs"][0], counts["out_channels"])
         n = counts["n_outputs"]
-        head = self._once(f"head{mode.precision}{mode.autocast}", lambda: self._head(mode, feature, n, counts))
+        head = self._once(f"head{mode.precision}{mode.autocast}",
+                          lambda: self._head(mode, feature, n, out_channels))
         grad_bytes = head["params"] * (4 if mode.autocast or mode.precision == "fp32" else wl.BYTES[mode.precision])
         dyn = head_mod.combine(bb, head, keep_grads=profile.deepspeed is None, head_grad_bytes=grad_bytes)
         return {**counts, "head": head["params"], "head_largest": head["largest_layer"]}, dyn | {"mode": mode}
 
+    def _fused(self, feature: list, out_channels: list[int]) -> tuple[list, list[int]]:
+        """Change detection: the shared encoder ran on B x T images; the decoder gets B fused samples, with
+        T x the channels for concat (trainer.temporal.SharedEncoder). The fusion's own few feature-sized
+        tensors are not traced."""
+        t = self.shape.dates
+        if t == 1:
+            return feature, out_channels
+        k = t if self.exp.task.date_fusion == "concat" else 1
+        (_, channels, *rest), dtype = feature
+        return [[self.shape.batch, channels * k, *rest], dtype], [c * k for c in out_channels]
+
     def _backbone(self, counts: dict, mode: wl.TraceMode) -> dict:
-        bb = wl.backbone_step(self.own, counts["stacks"], mode, self.shape)
+        # a shared encoder runs over every date: T x the images, one set of weights
+        bb = wl.backbone_step(self.own, counts["stacks"], mode, self.shape.per_date())
         if bb["traced_now"]:
             self.measured_now.append(f"backbone at {mode.precision}{' autocast' if mode.autocast else ''}"
                                      f"{', checkpointed' if mode.grad_checkpointing else ''}"
@@ -86,8 +99,8 @@ class Measurer:
         return {"backbone": wholes[0]["counts"]["total"], "linear_weights": wholes[0]["counts"]["linear_weights"],
                 "head": wholes[0]["head_params"]}
 
-    def _head(self, mode: wl.TraceMode, feature: list, n: int, counts: dict) -> dict:
-        head, hit = head_mod.head_step(self.exp, [feature[0]] * n, [feature[1]] * n, counts["out_channels"],
+    def _head(self, mode: wl.TraceMode, feature: list, n: int, out_channels: list[int]) -> dict:
+        head, hit = head_mod.head_step(self.exp, [feature[0]] * n, [feature[1]] * n, out_channels,
                                        self.shape, mode, self.builders)
         if not hit:
             self.measured_now.append(f"decoder at {mode.precision}{' autocast' if mode.autocast else ''}")

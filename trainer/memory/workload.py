@@ -43,12 +43,32 @@ class InputShape:
     channels: int
     height: int
     width: int
+    dates: int = 1  # change detection: T co-registered dates a sample, the model takes [B, T, C, H, W]
+
+    def key(self) -> dict:
+        """For cache keys; a single-date shape keys as it did before `dates` existed (the shipped seed holds)."""
+        d = dataclasses.asdict(self)
+        if self.dates == 1:
+            del d["dates"]
+        return d
+
+    def per_date(self) -> "InputShape":
+        """What a shared encoder sees (trainer.temporal.SharedEncoder): every date of every sample as an image."""
+        return InputShape(self.batch * self.dates, self.channels, self.height, self.width)
+
+    def tensor(self) -> tuple[int, ...]:
+        """The batch the loader hands the model."""
+        return ((self.batch, self.dates) if self.dates > 1 else (self.batch,)) + (self.channels, self.height,
+                                                                                   self.width)
 
 
 def input_shape(exp: Experiment, tile_size: int | None = None) -> InputShape:
     """The batch the loader hands the model: data.batch_size tiles of the configured bands and size."""
     d, kw = exp.data, exp.model.backbone_kwargs
-    channels = (len(d.bands) if d.bands else kw.get("in_channels") or (len(kw["bands"]) if kw.get("bands") else None)
+    bands = kw.get("bands")
+    if isinstance(bands, dict):  # TerraMind: {modality: [band, ...]}; one modality is one input tensor
+        bands = [b for per_modality in bands.values() for b in per_modality]
+    channels = (len(d.bands) if d.bands else kw.get("in_channels") or (len(bands) if bands else None)
                 or (d.synthetic.num_bands if d.kind == "synthetic" else None))
     size = tile_size or (d.synthetic.tile_size if d.kind == "synthetic" else None) or kw.get("img_size")
     if d.kind == "terratorch" and size is None:
@@ -61,7 +81,7 @@ def input_shape(exp: Experiment, tile_size: int | None = None) -> InputShape:
     if problems:
         raise PlanError("\n".join(problems))
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return InputShape(d.batch_size, int(channels), int(h), int(w))
+    return InputShape(d.batch_size, int(channels), int(h), int(w), exp.task.dates)
 
 
 @dataclass(frozen=True)
@@ -278,8 +298,7 @@ def _trace_own(b: OwnBackbone, depths: dict[str, int], mode: TraceMode, shape: I
         prepare_for_trace(meta_to_fake_(model), mode)
     x_dtype = input_dtype(mode)
     amp = DTYPES[mode.precision] if mode.autocast else None
-    t = trace_step(model, lambda: (torch.randn(shape.batch, shape.channels, shape.height, shape.width,
-                                               dtype=x_dtype),), autocast=amp, fake_mode=fake)
+    t = trace_step(model, lambda: (torch.randn(*shape.tensor(), dtype=x_dtype),), autocast=amp, fake_mode=fake)
     return dict(peak=t.peak, peak_with_grads=t.peak_with_grads, after_forward=t.after_forward, flops=t.flops,
                 outputs=[[list(shape), dtype] for shape, dtype in t.outputs])
 
@@ -309,7 +328,7 @@ def backbone_step(b: OwnBackbone, full: dict[str, int], mode: TraceMode, shape: 
     """The traced step of the whole backbone: reduced-depth traces, cached, extrapolated to `full` depth."""
     lo = {s: min(n, 2) for s, n in full.items()}
     hi = {s: min(n, 4) for s, n in full.items()}
-    spec = {"kind": "backbone", **b.spec, "mode": mode.key(), "input": dataclasses.asdict(shape),
+    spec = {"kind": "backbone", **b.spec, "mode": mode.key(), "input": shape.key(),
             "torch": torch.__version__, "transformers": _version("transformers")}
 
     fresh = []
