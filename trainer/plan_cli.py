@@ -79,9 +79,11 @@ def _plan(args: argparse.Namespace) -> int:
         if args.fit_table:
             from trainer.memory.fit_table import write_fit_table
 
-            path = write_fit_table(args.fit_table, builders=terratorch_builders())
-            print(f"wrote {path}")
+            path = write_fit_table(args.fit_table, builders=terratorch_builders(), readme=args.readme)
+            print(f"wrote {path}" + (f" and the summary in {args.readme}" if args.readme else ""))
             return 0
+        if args.readme:
+            raise ConfigError(["plan: --readme goes with --fit-table"])
         if not args.config:
             raise ConfigError(["plan: give --config X.yaml (or --fit-table PATH)"])
         from trainer.config import load_experiment
@@ -125,4 +127,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON (schema terrascale.plan/1)")
     p.add_argument("--fit-table", metavar="PATH", help="regenerate the fit table of every catalog backbone "
                    "(e.g. docs/fit_table.md) instead of planning one config")
+    p.add_argument("--readme", metavar="PATH", help="with --fit-table: also write its summary between the "
+                   "fit-table markers of this file (README.md)")
     p.set_defaults(func=_plan)
