@@ -30,11 +30,22 @@ def _stats(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from trainer import bench
     from trainer.config import DEMO_CONFIG, load_experiment
+    from trainer.errors import ConfigError
+
+    out = Path(args.out) / f"{args.what}.json"
+    if args.what == "planner":
+        from trainer.memory import plan_bench
+
+        if args.config or args.overrides:
+            raise ConfigError(["bench planner plans the fit table's experiment of each catalog backbone and every "
+                               "shipped config: it takes no --config or overrides (choose rows with --backbones)"])
+        doc = plan_bench.run(out, backbones=args.backbones, cold=not args.warm_only)
+        print(plan_bench.summary(doc) + f"\nwritten to {out}")
+        return 0
+    from trainer import bench
 
     exp = load_experiment(args.config or DEMO_CONFIG, args.overrides)
-    out = Path(args.out) / f"{args.what}.json"
     if args.what == "overhead":
         r = bench.overhead(exp, steps=args.steps, rounds=args.rounds, warmup=args.warmup, out=out)
         print(f"loop overhead: ours {r['ours_median_s']:.3f} s vs plain Accelerate {r['plain_median_s']:.3f} s "
@@ -72,14 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks; results are written to files under --out",
                        description="overhead: our loop vs a plain hand-written Accelerate loop on the same model "
                        "and data, interleaved in one process; writes the ratio (target <= 1.05x). optimizer: the "
-                       "CPU optimizer step of offloaded parameters, DeepSpeedCPUAdam vs torch AdamW foreach/fused.",
+                       "CPU optimizer step of offloaded parameters, DeepSpeedCPUAdam vs torch AdamW foreach/fused. "
+                       "planner: wall time and peak RSS of `launch/plan.py` for every catalog backbone and shipped "
+                       "config, each in a fresh process, warm (shipped trace cache) and cold (nothing cached).",
                        epilog=EPILOG_OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("what", choices=["overhead", "optimizer"], help="which benchmark")
+    b.add_argument("what", choices=["overhead", "optimizer", "planner"], help="which benchmark")
     _add_config(b, required=False)
     b.add_argument("--steps", type=int, default=30, help="training steps per timed round (default 30)")
     b.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are compared (default 5)")
     b.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps per loop (default 5)")
     b.add_argument("--params", type=int, default=100_000_000, help="optimizer: parameters stepped (default 100M)")
+    b.add_argument("--backbones", nargs="+", metavar="NAME", help="planner: only these catalog backbones "
+                   "(their fit-table rows and the shipped configs that use them; default: all)")
+    b.add_argument("--warm-only", action="store_true", help="planner: skip the cold (nothing cached) runs")
     b.add_argument("--out", default="bench_results", help="results folder (default bench_results/)")
     b.set_defaults(func=_bench)
     for module in COMMAND_MODULES:

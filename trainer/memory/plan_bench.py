@@ -1,5 +1,6 @@
 """Planner benchmark: wall time and peak RSS of `launch/plan.py` for every catalog backbone's representative
-experiment (the fit table's), each in a fresh process so the numbers are what a user's command costs.
+experiment (the fit table's) and every shipped experiment config, each in a fresh process so the numbers are what
+a user's command costs.
 
 - warm: a fresh user cache, the shipped seed (`plan_cache_seed.json`) answers: the fast path;
 - cold: nothing cached, seed off: counts, every trace and the decoder measurement (TerraTorch import) run.
@@ -45,29 +46,65 @@ def _one(config: Path, cache: Path, seed: bool) -> dict:
     return result
 
 
-def run(out: str | Path = "bench_results/planner.json", rows: list[tuple[str, str]] | None = None,
+def run(out: str | Path = "bench_results/planner.json", backbones: list[str] | None = None,
         cold: bool = True) -> dict:
-    """Plan every (backbone, mode) warm and (with `cold`) cold; writes and returns the results."""
-    from trainer.memory.fit_table import representative
+    """Plan every fit-table (backbone, mode) and every shipped config, or those of `backbones`, warm and (with
+    `cold`) cold; writes and returns the results."""
+    from tqdm.auto import tqdm
+
+    from trainer.config import load_experiment
+    from trainer.errors import ConfigError
+    from trainer.memory.fit_table import representative, shipped_experiments
     from trainer.memory.fit_table import rows as all_rows
 
+    rows = all_rows()
+    if backbones:
+        unknown = sorted(set(backbones) - {name for name, _ in rows})
+        if unknown:
+            raise ConfigError([f"--backbones {' '.join(unknown)}: not in the catalog; choose from "
+                               + ", ".join(sorted({name for name, _ in rows}))])
+        rows = [(name, mode) for name, mode in rows if name in backbones]
+    shipped = [(p, load_experiment(p).model.backbone) for p in shipped_experiments()]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, mode in rows or all_rows():
+        jobs = []
+        for name, mode in rows:
             config = Path(tmp) / f"{name}-{mode}.yaml"
             config.write_text(yaml.safe_dump(representative(name, mode).model_dump(mode="json")))
-            row = {"backbone": name, "mode": mode}
+            jobs.append(({"backbone": name, "mode": mode}, config))
+        jobs += [({"config": str(p.relative_to(ROOT)), "backbone": name}, p)
+                 for p, name in shipped if not backbones or name in backbones]
+        for i, (row, config) in enumerate(tqdm(jobs, desc="planner bench", unit="plan")):
             if cold:
-                row["cold"] = _one(config, Path(tmp) / f"cold-{name}-{mode}", seed=False)
-            row["warm"] = _one(config, Path(tmp) / f"warm-{name}-{mode}", seed=True)
+                row["cold"] = _one(config, Path(tmp) / f"cold-{i}", seed=False)
+            row["warm"] = _one(config, Path(tmp) / f"warm-{i}", seed=True)
             results.append(row)
-            print(json.dumps(row), flush=True)
-    doc = {"what": "launch/plan.py wall time and peak RSS per catalog backbone (fit-table experiment), fresh "
-                   "process each; warm = shipped seed cache, cold = nothing cached (includes the TerraTorch import "
-                   "for the decoder measurement)",
+    doc = {"what": "launch/plan.py wall time and peak RSS per catalog backbone (fit-table experiment) and per "
+                   "shipped experiment config, fresh process each, no GPU (24 GiB budget); warm = shipped seed "
+                   "cache, cold = nothing cached (includes the TerraTorch import for the decoder measurement)",
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
            "rows": results}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
+
+
+def summary(doc: dict) -> str:
+    """A markdown table of the results: the README quotes it."""
+    lines = ["| experiment | backbone (mode) | warm s | warm peak RSS MiB | cold s | cold peak RSS MiB |",
+             "|---|---|---|---|---|---|"]
+    for row in doc["rows"]:
+        cells = []
+        for kind in ("warm", "cold"):
+            r = row.get(kind)
+            if r is None:
+                cells += ["—", "—"]
+            elif r["exit_code"] != 0:
+                cells += [f"exit {r['exit_code']}: {r['error']}", "—"]
+            else:
+                cells += [f"{r['seconds']:.1f}", str(r["peak_rss_mib"])]
+        what = row.get("config", "fit table")
+        lines.append(f"| {what} | {row['backbone']}{' (' + row['mode'] + ')' if 'mode' in row else ''} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
