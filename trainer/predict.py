@@ -316,7 +316,8 @@ def write_quicklook(image: Path, pred: Path, out: Path, exp: Experiment, mode: s
         colors = [(0, 0, 0, 0)] + [(*plt.get_cmap("tab10")((i + 2) % 10)[:3], 0.55) for i in range(1, k)]
         shown = np.ma.masked_where((pv == 0) | (pv == CLASS_NODATA), pv)
         axes[1].imshow(shown, cmap=ListedColormap(colors), vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
-        axes[1].set_title(f"{exp.task.name}: classes 1..{k - 1} coloured", fontsize=8)
+        shown_classes = "class 1" if k == 2 else f"classes 1..{k - 1}"
+        axes[1].set_title(f"{exp.task.name}: {shown_classes} coloured", fontsize=8)
     else:
         label = "coherence" if mode == "coherence" else f"p(class {exp.task.num_classes - 1})"
         im = axes[1].imshow(np.ma.masked_invalid(pv), cmap="viridis", vmin=0, vmax=1, alpha=0.75)

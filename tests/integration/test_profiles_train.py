@@ -1,9 +1,13 @@
 """Every memory profile trains the tiny model through the real launcher, checkpoints, stops and resumes;
-the ZeRO profiles also in two processes. Each run ends in an export whose contents depend on the profile."""
+the ZeRO profiles also in two processes. Each run ends in an export whose contents depend on the profile, and
+`predict` turns every one of them (ZeRO-3 consolidated, LoRA/QLoRA merged) into a georeferenced class map."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import rasterio
 import torch
+from rasterio.merge import merge
 
 from tests.integration.helpers import TINY, check, load_export, metrics, run_train
 from trainer.memory.profiles import PROFILES
@@ -23,6 +27,20 @@ def _train_stop_resume(tmp_path, profile: str, nproc: int, extra=()):
     assert "resumed from" in r.stderr and "step-000001" in r.stderr
     assert [m["step"] for m in metrics(job)] == [1, 2]
     return job
+
+
+def _predicts_from_export(job, data, out_dir):
+    """The job's export predicts a scene of several val tiles; the class map keeps the scene's grid."""
+    from trainer.predict import predict_scene
+
+    scene = out_dir / "scene.tif"
+    merge([str(p) for p in sorted((data / "val" / "images").glob("*.tif"))[:4]], dst_path=str(scene))
+    result = predict_scene(job, [scene], out_dir / "pred.tif", tile=32, overlap=8, quicklook=out_dir / "pred.png")
+    assert result.windows > 1 and result.quicklook.read_bytes()[:4] == b"\x89PNG"
+    with rasterio.open(scene) as src, rasterio.open(result.out) as pred:
+        assert (pred.crs, pred.transform, pred.shape) == (src.crs, src.transform, src.shape)
+        classes = pred.read(1)
+    assert set(np.unique(classes)) <= {0, 1, 255} and (classes != 255).any()
 
 
 def _nvme_problem():
@@ -59,6 +77,7 @@ def test_profile_trains_and_resumes_one_process(tmp_path, profile):
     if PROFILES[profile].quantization == "nf4":
         assert any(k.endswith("quant_state.bitsandbytes__nf4") for k in state)
     assert all(torch.isfinite(v.float()).all() for v in state.values() if v.is_floating_point())
+    _predicts_from_export(job, tmp_path / "data", tmp_path)
 
 
 @pytest.mark.slow
