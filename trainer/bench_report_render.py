@@ -1,7 +1,6 @@
 """The benchmark report as a markdown table and a PNG chart (throughput; measured vs planned memory)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +79,6 @@ def plot(report: dict[str, Any], out: Path) -> Path:
         if r["status"] != "ok":
             ax1.text(i, 0, "failed", ha="center", va="bottom", color="tab:red")
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    from trainer.report import save_figure
+
+    return save_figure(fig, out, dpi=110)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,12 +325,6 @@ def write_quicklook(image: Path, pred: Path, out: Path, exp: Experiment, mode: s
     for ax in axes:
         ax.set_axis_off()
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return out
+    from trainer.report import save_figure
+
+    return save_figure(fig, out)

@@ -54,8 +54,21 @@ def plot_curves(records: list[dict], out: Path, primary: str) -> Path | None:
     axes[1].set_xlabel("step")
     axes[1].set_ylabel(f"val {primary}")
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    return save_figure(fig, out, dpi=110)
+
+
+def save_figure(fig, out: Path, dpi: int | None = None) -> Path:
+    """Write `fig` as a PNG under a temporary name, rename it into place, and close it: a reader never sees a
+    half-written image, and a failed save leaves nothing behind."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out
