@@ -369,3 +369,24 @@ def test_change_detection_plans_every_date_through_the_shared_encoder():
     diff = exp({"name": "change_detection", "num_dates": 3})
     assert Measurer(diff, wl.input_shape(diff), None)._fused(feature, [64, 64]) == ([[2, 64, 8, 8], "bfloat16"],
                                                                                    [64, 64])
+
+
+def test_a_step_that_cannot_run_is_cached_like_a_result(tmp_path, monkeypatch):
+    from trainer.memory import plan_cache
+
+    monkeypatch.setenv("TERRASCALE_CACHE", str(tmp_path))
+    spec = {"kind": "test", "what": "a failing trace"}
+
+    def fails():
+        raise RuntimeError("Input type (BFloat16) and bias type (float) should be the same\nmore lines")
+
+    with pytest.raises(RuntimeError, match=r"Input type \(BFloat16\)"):
+        plan_cache.cached(spec, fails)
+    # the next plan raises the same error without computing again (no model build, no TerraTorch import)
+    with pytest.raises(RuntimeError, match=r"Input type \(BFloat16\) and bias type \(float\) should be the same"):
+        plan_cache.cached(spec, lambda: pytest.fail("recomputed a cached failure"))
+    # other errors are bugs, not answers: they propagate and are not stored
+    other = {"kind": "test", "what": "a bug"}
+    with pytest.raises(KeyError):
+        plan_cache.cached(other, lambda: {}["missing"])
+    assert plan_cache.get(plan_cache.key_of(other)) is None

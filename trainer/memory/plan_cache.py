@@ -81,12 +81,24 @@ def write_seed(entries: dict[str, dict[str, Any]]) -> Path:
 
 
 def cached(spec: dict[str, Any], compute) -> tuple[dict[str, Any], bool]:
-    """(value, was_cached): the stored result for `spec`, or `compute()`'s, stored."""
+    """(value, was_cached): the stored result for `spec`, or `compute()`'s, stored.
+
+    A RuntimeError from `compute` (an op the model cannot run that way: Clay under bf16 weights, Granite's MoE
+    under fp32) is as deterministic as a result for the same spec, so it is stored too and raised again on a hit:
+    a warm plan does not rebuild the model (and import TerraTorch) only to fail the same way."""
     key = key_of(spec)
     value = get(key)
     hit = value is not None
     if not hit:
-        value = compute()
+        try:
+            value = compute()
+        except RuntimeError as e:
+            value = {ERROR: str(e)}
         put(key, spec, value)
     remember(key, spec, value)
+    if ERROR in value:
+        raise RuntimeError(value[ERROR])
     return value, hit
+
+
+ERROR = "cannot_run"  # the key of a stored failure; a measured value never has it
