@@ -1,4 +1,3 @@
-from pathlib import Path
 import subprocess
 import sys
 
@@ -7,6 +6,7 @@ import yaml
 
 from trainer.config import DEMO_CONFIG, apply_overrides, build_experiment, load_experiment
 from trainer.errors import ConfigError
+from trainer.memory.fit_table import shipped_experiments
 
 
 def test_demo_config_loads():
@@ -73,12 +73,12 @@ def test_cli_prints_all_problems_and_exits_2(tmp_path):
     assert "data.num_workrs: unknown key; did you mean 'data.num_workers'?" in r.stderr
 
 
-_EXPERIMENTS = sorted(p for p in (Path(__file__).resolve().parents[2] / "launch" / "configs").rglob("*.yaml")
-                      if p.parent.name not in ("accelerate", "slurm"))
+_EXPERIMENTS = shipped_experiments()
 
 
 def test_shipped_experiments_discovered():
     assert len(_EXPERIMENTS) >= 13
+    assert {p.stem for p in _EXPERIMENTS} >= {"demo", "prithvi_forest", "internvl2_26b_change"}
 
 
 @pytest.mark.parametrize("path", _EXPERIMENTS, ids=lambda p: p.name)

@@ -178,9 +178,8 @@ README_END = "<!-- fit-table:end -->"
 def readme_section(table: str) -> str:
     """The part of a rendered fit table the README carries: the summary and the 20B+ paragraph, one heading level
     down (they sit under the README's planner section); the per-backbone detail stays in the docs file."""
-    start, end = table.index("## Summary"), table.index("## Per backbone")
-    body = table[start:end].strip().replace("\n## ", "\n### ")
-    return "#" + body if body.startswith("## ") else body
+    body = table[table.index("## Summary"):table.index("## Per backbone")].strip()
+    return "\n".join("#" + line if line.startswith("## ") else line for line in body.splitlines())
 
 
 def _readme_text(readme: Path) -> str:
