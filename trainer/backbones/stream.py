@@ -304,7 +304,7 @@ def stream_into(model: nn.Module, files: list[Path], mapper: Mapper, source: str
                 stats.tensors += 1
                 bar.update(1)
     bar.close()
-    materialize_missing(model, spec)
+    materialize_missing(model, spec, report.missing)
     report.stats = stats
     return report
 
@@ -320,9 +320,22 @@ def _progress(total: int, source: str, enabled: bool):
                 leave=False)
 
 
-def materialize_missing(model: nn.Module, spec: LoadSpec) -> list[str]:
-    """Parameters the checkpoint did not provide are still on meta: give them memory and their module's init."""
+def materialize_missing(model: nn.Module, spec: LoadSpec, missing: list[str] = ()) -> list[str]:
+    """Parameters the checkpoint did not provide are still on meta (or, under ZeRO-3, partitions of
+    uninitialised memory): give them memory and their module's own init."""
     done = []
+    held = model.state_dict(keep_vars=True)
+    owners: dict[str, nn.Module] = {}
+    for name in missing:
+        if name in held and is_partitioned(held[name]):
+            owners.setdefault(name.rpartition(".")[0], model.get_submodule(name.rpartition(".")[0]))
+    for mod_name, module in owners.items():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=0):
+            if _rank() == 0:
+                _init_module(model, mod_name, module)
+        done.append(mod_name)
     for mod_name, module in model.named_modules():
         metas = [n for n, p in module.named_parameters(recurse=False) if p.device.type == "meta"]
         if not metas:
@@ -388,6 +401,6 @@ def place_mapped(model: nn.Module, mapped: dict[str, torch.Tensor], source: str,
         placer.put(name, value)
     report.loaded = sorted(to_load)
     report.missing = sorted(k for k in own if k not in set(to_load) and not ignore_missing(k))
-    materialize_missing(model, spec)
+    materialize_missing(model, spec, report.missing)
     report.stats = stats
     return report
