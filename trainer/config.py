@@ -152,6 +152,12 @@ class MemoryConfig(_Closed):
     # a 24 GiB RTX 4090) and this machine's RAM. Setting gpu_memory below the card's size keeps room for others.
     gpu_memory: str | int | None = None
     cpu_memory: str | int | None = None
+    # How the trainable parameters' optimizer states are stored. adamw: torch's optimizer named by optim.name,
+    # fp32 states (8 bytes per trainable parameter with Adam/AdamW). adamw_8bit: bitsandbytes' AdamW8bit, both
+    # moments blockwise-quantized to 8 bits (~2 bytes per parameter; tensors under 4096 elements stay fp32).
+    # paged_adamw_8bit: the same in CUDA unified memory, evicted to CPU RAM under GPU memory pressure (on a
+    # CPU-only host, plain adamw_8bit). Both need optim.name: adamw and no DeepSpeed (trainer.run.build_optimizer).
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
 
     @model_validator(mode="after")
     def _sizes(self) -> "MemoryConfig":
@@ -227,6 +233,14 @@ class Experiment(_Closed):
         if self.task.date_fusion == "native" and not self.model.backbone.startswith("prithvi"):
             raise ValueError(f"task.fusion: 'native' is Prithvi's multi-frame input; {self.model.backbone!r} takes "
                              "one date at a time: use task.fusion=diff or concat")
+        return self
+
+    @model_validator(mode="after")
+    def _eight_bit_states_are_adamw(self) -> "Experiment":
+        if self.memory.optimizer != "adamw" and self.optim.name != "adamw":
+            raise ValueError(f"memory.optimizer: {self.memory.optimizer!r} is bitsandbytes' 8-bit AdamW, but "
+                             f"optim.name is {self.optim.name!r}: set optim.name: adamw, or memory.optimizer: adamw "
+                             f"to keep {self.optim.name} with fp32 states")
         return self
 
     @property

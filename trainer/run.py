@@ -87,11 +87,30 @@ def make_accelerator(exp: Experiment, ds_config: dict | None, precision: str):
 
 
 def build_optimizer(exp: Experiment, params, ds_config: dict | None):
-    o = exp.optim
+    o, states = exp.optim, exp.memory.optimizer
+    if states != "adamw" and ds_config is not None:
+        # DeepSpeed ZeRO steps its own flat fp32 partitions (or DeepSpeedCPUAdam on offloaded ones) and refuses
+        # optimizers it has not tested; 8-bit states there are unverified, so they are refused, not attempted.
+        source = exp.memory.deepspeed or f"the DeepSpeed preset of memory.profile {exp.memory.profile}"
+        owner = (f"its own {ds_config['optimizer'].get('type', '')} optimizer" if "optimizer" in ds_config
+                 else f"ZeRO-{ds.zero_stage(ds_config)} partitions")
+        raise ConfigError([f"memory.optimizer: {states!r} cannot run under DeepSpeed ({source}: {owner}); use "
+                           "memory.optimizer: adamw with this profile, or a profile without DeepSpeed (full, lora, "
+                           "qlora) for 8-bit optimizer states"])
     if ds_config is not None and "optimizer" in ds_config:
         from accelerate.utils import DummyOptim
 
         return DummyOptim(params, lr=o.lr, weight_decay=o.weight_decay)
+    if states != "adamw":  # optim.name is adamw (trainer.config.Experiment._eight_bit_states_are_adamw)
+        import bitsandbytes as bnb
+
+        from trainer.runtime import cuda_available
+
+        if states == "paged_adamw_8bit" and not cuda_available():
+            log.warning("memory.optimizer paged_adamw_8bit: paging needs CUDA unified memory; on this CPU-only host "
+                        "bitsandbytes keeps the 8-bit states in ordinary memory (as adamw_8bit)")
+        cls = bnb.optim.PagedAdamW8bit if states == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam

@@ -30,7 +30,8 @@ from trainer.config import load_experiment
 
 CONFIG_DIR = ROOT / "launch" / "configs"
 TINY_OVERRIDE = {"prithvi": "model.backbone=prithvi_eo_tiny", "terramind": "model.backbone=terramind_v1_tiny",
-                 "earthmind": "model.backbone_kwargs.tiny=true", "internvl2_26b": "model.backbone_kwargs.tiny=true"}
+                 "earthmind": "model.backbone_kwargs.tiny=true", "internvl2_26b": "model.backbone_kwargs.tiny=true",
+                 "internvl2_40b": "model.backbone_kwargs.tiny=true"}
 TASK_NAME = {"forest": "segmentation", "insar": "regression", "change": "change_detection"}
 MATRIX = [f"{b}_{t}" for b in TINY_OVERRIDE for t in TASK_NAME]
 # Extra runs: (config, overrides, data set) -- 3-date change detection, both ways of fusing the dates.
@@ -48,7 +49,8 @@ SIZE = {"prithvi": ["model.backbone_kwargs.img_size=32"], "terramind": [],
         # (zero3_offload_lora) needs DeepSpeed, which cannot share this interpreter with the other runs; that
         # profile trains in test_profiles_train.py, here the same LoRA path runs without ZeRO.
         "earthmind": ["model.backbone_kwargs.image_size=32"],
-        "internvl2_26b": ["model.backbone_kwargs.image_size=32", "memory.profile=lora"]}
+        "internvl2_26b": ["model.backbone_kwargs.image_size=32", "memory.profile=lora"],
+        "internvl2_40b": ["model.backbone_kwargs.image_size=32"]}  # its own profile, qlora: no DeepSpeed
 # Jobs predicted after training, with extra predict options. earthmind_change trained with LoRA: its export's
 # merged weights load into a plain model.
 PREDICT = {"prithvi_forest": [], "prithvi_insar": [], "prithvi_change": ["--probabilities"], "earthmind_change": [],

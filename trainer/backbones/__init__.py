@@ -1,5 +1,6 @@
 """terrascale's backbones: HF VLMs/LLMs and Clay/SatMAE registered into TerraTorch's backbone registry,
-plus `catalog` (real dimensions, meta builds) for the memory planner.
+the necks of `necks` (ProjectChannels) into its neck registry, plus `catalog` (real dimensions, meta builds)
+for the memory planner.
 
 Importing this package is cheap on purpose (the planner imports `trainer.backbones.catalog`, which
 runs this file first): TerraTorch is imported only by `register_all()`.
@@ -10,7 +11,8 @@ _registered = False
 
 
 def register_all() -> list[str]:
-    """Register every backbone in `factory.REGISTERED` with TerraTorch; safe to call any number of times."""
+    """Register every backbone in `factory.REGISTERED` and every neck in `necks.NECKS` with TerraTorch; safe to
+    call any number of times. Returns the backbone names."""
     global _registered
     from trainer.backbones.factory import REGISTERED
 
@@ -20,6 +22,9 @@ def register_all() -> list[str]:
         for name in REGISTERED:
             if name not in TERRATORCH_BACKBONE_REGISTRY:
                 TERRATORCH_BACKBONE_REGISTRY.register(_constructor(name))
+        from trainer.backbones.necks import register_necks
+
+        register_necks()
         _registered = True
     return list(REGISTERED)
 
