@@ -31,8 +31,9 @@ def test_every_problem_reported_at_once_with_suggestions(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_experiment(cfg)
     msgs = e.value.issues
-    assert len(msgs) == 4, msgs
+    assert len(msgs) == 5, msgs
     joined = "\n".join(msgs)
+    assert "model: section missing" in joined
     assert "optim.weight_decy: unknown key; did you mean 'optim.weight_decay'?" in joined
     assert "optim.lr" in joined and "greater than 0" in joined
     assert "data.batch_size" in joined
@@ -68,7 +69,7 @@ def test_cli_prints_all_problems_and_exits_2(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
-    assert "3 problem(s)" in r.stderr
+    assert "4 problem(s)" in r.stderr and "model: section missing" in r.stderr
     assert "run.max_step: unknown key; did you mean 'run.max_steps'?" in r.stderr
     assert "data.num_workrs: unknown key; did you mean 'data.num_workers'?" in r.stderr
 
