@@ -6,9 +6,12 @@ georeferenced, the same CRS and transform as its image (a label without a CRS pa
 (segmentation, change detection); [0, 1], NaN or nodata (regression). Pixels where the image is nodata
 are ignored in training, so a block with suspect values reads the matching image window before refusing.
 
-Cost: one read of every label pixel (1 band; for C-band images about 1/C of one epoch's image I/O), in
-GDAL blocks, so memory stays at one block whatever the tile size; images are read only for blocks that
-hold suspect values. Files already checked (same size and mtime, same task settings) are listed in
+Cost: one read of every label pixel (1 band; for C-band images about 1/C of one epoch's image bytes) in
+whole-row chunks of at most CHUNK_PIXELS, so memory stays bounded whatever the tile size; images are read
+only for chunks that hold suspect values. Measured here (2 busy cores): 1000 tiles of 256x256, 6 bands, in
+7.9 s cold, mostly opening two files per tile (reading the images once: 4.7 s), 0.04 s when remembered.
+Every rank checks (the same files, so one node reads them from the page cache); only the main process
+shows the bar and writes the memo, which every later run on any rank reads. Files already checked (same size and mtime, same task settings) are listed in
 `<stats file dir>/.labels_checked.json` and skipped, so a resumed run pays a stat() per file.
 """
 from __future__ import annotations
@@ -31,6 +34,16 @@ from trainer.errors import DataError
 log = logging.getLogger(__name__)
 
 CACHE_NAME = ".labels_checked.json"
+# 4 Mpx: 16 MB as float32, the most one read holds
+CHUNK_PIXELS = 4 * 2**20
+
+
+def _row_chunks(src) -> list[Window]:
+    """Whole-width bands of rows, a multiple of the file's block height, at most CHUNK_PIXELS each: few reads
+    for ordinary tiles (one for tiles up to 2048x2048), bounded memory for a huge one."""
+    block_h = src.block_shapes[0][0]
+    rows = max(block_h, CHUNK_PIXELS // max(src.width, 1) // block_h * block_h)
+    return [Window(0, r, src.width, min(rows, src.height - r)) for r in range(0, src.height, rows)]
 
 
 def _image_invalid(images: Sequence[str], window: Window, nodata: float | None) -> np.ndarray:
@@ -58,7 +71,7 @@ def _check_one(label: str, images: Sequence[str], task: TaskConfig, nodata: floa
             if (src.height, src.width) != (img.height, img.width):
                 return  # GeoTiffDataset names both shapes
             file_nodata = src.nodata
-            for _, window in src.block_windows(1):
+            for window in _row_chunks(src):
                 block = src.read(1, window=window, out_dtype="float32")
                 wrong = wrong_values(block, invalid_values(block, file_nodata), task)
                 if wrong.any():
