@@ -12,10 +12,12 @@ EPILOG_OVERRIDES = ("Overrides are dotted keys after the options, e.g.\n"
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.config import load_experiment
+    from trainer.validate import load_checked  # every config problem, registry checks included, before any work
+
+    exp = load_checked(args.config, args.overrides)
     from trainer.run import main
 
-    return main(load_experiment(args.config, args.overrides))
+    return main(exp)
 
 
 def _stats(args: argparse.Namespace) -> int:

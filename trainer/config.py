@@ -16,7 +16,13 @@ from trainer.errors import ConfigError
 
 
 class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    # allow_inf_nan=False: `optim.lr: .inf` would train NaN and exit 0; every float here must be finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
+
+
+# Upper bounds that no real run reaches but that catch a typo'd exponent (`run.max_steps: 1e30`) before it
+# allocates or loops forever.
+MAX_STEPS = 10**9
 
 
 class ModelConfig(_Closed):
@@ -31,17 +37,26 @@ class ModelConfig(_Closed):
     head_kwargs: dict[str, Any] = Field(default_factory=dict)
     freeze_backbone: bool = False
 
+    @model_validator(mode="after")
+    def _necks_are_named(self) -> "ModelConfig":
+        problems = [f"model.necks[{i}]: {n!r} has no 'name'; write each neck as {{name: <neck>, <kwarg>: ...}}, "
+                    "e.g. {name: SelectIndices, indices: [0, 1, 2, 3]}"
+                    for i, n in enumerate(self.necks) if not isinstance(n.get("name"), str)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 class TaskConfig(_Closed):
     name: Literal["segmentation", "regression", "change_detection"] = "segmentation"
-    num_classes: int = Field(2, ge=1)
+    num_classes: int = Field(2, ge=1, le=65536)
     # TerraTorch's losses crash on ignore_index=None: keep an integer that never occurs as a class.
     ignore_index: int = -1
     loss: Literal["ce", "dice", "ce_dice", "focal", "mse", "l1", "huber"] = "ce"
     class_weights: list[float] | None = None
     # change_detection only (trainer/temporal.py); None = the default: diff fusion over 2 dates
     fusion: Literal["diff", "concat", "native"] | None = None
-    num_dates: int | None = Field(None, ge=2)
+    num_dates: int | None = Field(None, ge=2, le=64)
 
     @model_validator(mode="after")
     def _weights_match_classes(self) -> "TaskConfig":
@@ -50,6 +65,14 @@ class TaskConfig(_Closed):
                 f"task.class_weights has {len(self.class_weights)} entries but task.num_classes is "
                 f"{self.num_classes}: give one weight per class"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _classes_need_two(self) -> "TaskConfig":
+        # one class makes every pixel right: the loss is 0 from step 1 and nothing is learned
+        if self.name != "regression" and self.num_classes < 2:
+            raise ValueError(f"task.num_classes is {self.num_classes} but {self.name} needs at least 2 classes "
+                             "(e.g. 0 background, 1 target); for one continuous target use task.name=regression")
         return self
 
     @model_validator(mode="after")
@@ -74,10 +97,11 @@ class TaskConfig(_Closed):
 class SyntheticConfig(_Closed):
     """A generated dataset, written once into `data.root` when that folder has no tiles yet."""
 
-    n_train: int = Field(64, ge=1)
-    n_val: int = Field(16, ge=1)
-    tile_size: int = Field(64, ge=16)
-    num_bands: int = Field(6, ge=1)
+    n_train: int = Field(64, ge=1, le=100_000)
+    n_val: int = Field(16, ge=1, le=100_000)
+    # 2048 px x 6 bands of float32 is 100 MB a tile: beyond that generation would fill the disk, not test anything
+    tile_size: int = Field(64, ge=16, le=2048)
+    num_bands: int = Field(6, ge=1, le=256)
     seed: int = 0
 
 
@@ -89,6 +113,9 @@ class TerraTorchDataConfig(_Closed):
 
 
 class DataConfig(_Closed):
+    # data.nodata may be NaN (`.nan`): the one float here where a non-finite value means something
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=True)
+
     kind: Literal["geotiff", "synthetic", "terratorch"] = "synthetic"
     root: str = "data/synthetic"
     train_images: str = "train/images/*.tif"
@@ -101,8 +128,8 @@ class DataConfig(_Closed):
     stats: str | None = None
     nodata: float | None = None
     flips: bool = True
-    batch_size: int = Field(8, ge=1)
-    num_workers: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1, le=65536)
+    num_workers: int = Field(0, ge=0, le=256)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     terratorch: TerraTorchDataConfig | None = None
 
@@ -115,15 +142,21 @@ class DataConfig(_Closed):
 
 class OptimConfig(_Closed):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.01, ge=0, le=10)
     betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimConfig":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas {list(self.betas)}: each must be in [0, 1), e.g. [0.9, 0.999]")
+        return self
 
 
 class SchedulerConfig(_Closed):
     name: Literal["constant", "cosine", "linear"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
@@ -178,20 +211,20 @@ class MemoryConfig(_Closed):
 
 
 class RunConfig(_Closed):
-    max_steps: int | None = Field(200, ge=1)
-    max_epochs: int | None = Field(None, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    max_steps: int | None = Field(200, ge=1, le=MAX_STEPS)
+    max_epochs: int | None = Field(None, ge=1, le=10**6)
+    grad_accum: int = Field(1, ge=1, le=65536)
     grad_clip: float | None = Field(1.0, gt=0)
-    eval_every: int = Field(50, ge=1)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(50, ge=1, le=MAX_STEPS)
+    log_every: int = Field(10, ge=1, le=MAX_STEPS)
+    checkpoint_every: int = Field(50, ge=1, le=MAX_STEPS)
     seed: int = 0
     # auto: the profile's dtype on a GPU, fp32 on CPU (bf16 is ~10x slower than fp32 on CPUs like ours).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     progress: bool = True
     # Stop cleanly (checkpoint saved) once this step is reached; re-running continues. For time-boxed
     # allocations (a SLURM slot, a shared workstation overnight) and for testing resume.
-    stop_at_step: int | None = Field(None, ge=1)
+    stop_at_step: int | None = Field(None, ge=1, le=MAX_STEPS)
     # Experiment trackers through Accelerate; mlflow/wandb when installed (offline, in the job dir), "all".
     trackers: list[Literal["tensorboard", "mlflow", "wandb", "all"]] = Field(default_factory=lambda: ["tensorboard"])
 
@@ -204,7 +237,7 @@ class RunConfig(_Closed):
 
 class CheckpointConfig(_Closed):
     dir: str = "runs/demo"
-    keep_last: int = Field(3, ge=1)
+    keep_last: int = Field(3, ge=1, le=10_000)
     # false: start fresh (refuses a job dir that already has checkpoints); auto: newest complete one; or a path.
     resume: bool | str = "auto"
     export: bool = True
@@ -299,6 +332,14 @@ def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
     return []
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def format_validation_error(err: ValidationError, model: type[BaseModel] = None) -> list[str]:
     model = model or Experiment
     issues = []
@@ -315,6 +356,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = None)
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
             got_s = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            if isinstance(got, str) and _is_number(got):
+                got_s += "; YAML reads 1e6 as text: write 1.0e6 (or 1000000)"
             issues.append(f"{key}: {msg}{got_s}")
     return issues
 
@@ -331,24 +374,60 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"config file {path} does not exist: check the --config path"], source=str(path))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): save it "
+                           "as UTF-8 (e.g. iconv -f latin1 -t utf-8)"], source=str(path)) from None
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path} is not valid YAML: {e}"], source=str(path)) from e
+        raise ConfigError([f"{path} is not valid YAML: {e}"], source=str(path)) from None
+    if raw is None:
+        raise ConfigError([f"{path} is empty: an experiment needs at least a model: section (start from "
+                           "launch/configs/demo.yaml)"], source=str(path))
     if not isinstance(raw, dict):
-        raise ConfigError([f"{path} must hold a mapping of sections (model:, data:, ...)"], source=str(path))
+        raise ConfigError([f"{path} must hold a mapping of sections (model:, data:, ...), not a "
+                           f"{type(raw).__name__}"], source=str(path))
     return raw
 
 
-def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Experiment:
-    """Read a terrascale YAML, or a `terratorch fit` (LightningCLI) YAML, apply overrides, validate."""
+def load_raw(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The experiment as a plain dict: the YAML (a `terratorch fit` file translated), overrides applied."""
     raw: dict[str, Any] = read_yaml(path) if path is not None else {}
-    overrides = list(overrides or [])
     from trainer.terratorch_compat import is_lightning_config, from_lightning_config
 
     if is_lightning_config(raw):
         raw = from_lightning_config(raw, source=str(path))
-    raw = apply_overrides(raw, overrides)
-    return build_experiment(raw, source=str(path) if path else "defaults")
+    return apply_overrides(raw, list(overrides or []))
+
+
+def _missing_model(raw: dict[str, Any]) -> list[str]:
+    # The defaults alone are not a model (a ViT backbone needs necks): a file must say what it trains.
+    if raw.get("model") is None:
+        raw.pop("model", None)
+        return ["model: section missing; name at least model.backbone (and its necks/decoder), "
+                "as in launch/configs/demo.yaml"]
+    return []
+
+
+def experiment_from_raw(raw: dict[str, Any], source: str, from_file: bool = True) -> Experiment:
+    """Validate a `load_raw` dict; every problem (missing model section included) raised together."""
+    raw = dict(raw)
+    problems = _missing_model(raw) if from_file else []
+    try:
+        exp = Experiment.model_validate(raw)
+    except ValidationError as e:
+        problems += format_validation_error(e)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return exp
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Experiment:
+    """Read a terrascale YAML, or a `terratorch fit` (LightningCLI) YAML, apply overrides, validate.
+
+    The checks that need TerraTorch's registries (backbone/neck/decoder kwargs, band names) are
+    `trainer.validate.load_checked`'s, which `terrascale train` runs."""
+    raw = load_raw(path, overrides)
+    return experiment_from_raw(raw, source=str(path) if path else "defaults", from_file=path is not None)
 
 
 def dump_experiment(exp: Experiment) -> str:

@@ -31,8 +31,9 @@ def test_every_problem_reported_at_once_with_suggestions(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_experiment(cfg)
     msgs = e.value.issues
-    assert len(msgs) == 4, msgs
+    assert len(msgs) == 5, msgs  # the four below and the missing model section
     joined = "\n".join(msgs)
+    assert "model: section missing" in joined
     assert "optim.weight_decy: unknown key; did you mean 'optim.weight_decay'?" in joined
     assert "optim.lr" in joined and "greater than 0" in joined
     assert "data.batch_size" in joined
@@ -62,15 +63,28 @@ def test_resume_true_is_refused():
 
 
 def test_cli_prints_all_problems_and_exits_2(tmp_path):
+    # pure problems and a registry one (the backbone's real constructor has no img_sz) in one report
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("optim: {lr: 0}\nrun: {max_step: 3}\n")
-    r = subprocess.run([sys.executable, "-m", "trainer", "train", "--config", str(cfg), "data.num_workrs=1"],
-                       capture_output=True, text=True, timeout=120)
+    cfg.write_text("optim: {lr: 0}\nrun: {max_step: 3}\nmodel: {backbone: prithvi_eo_tiny}\n")
+    r = subprocess.run([sys.executable, str(DEMO_CONFIG.parents[2] / "launch" / "train.py"), "--config", str(cfg),
+                        "data.num_workrs=1", "model.backbone_kwargs.img_sz=64", f"checkpoint.dir={tmp_path / 'job'}"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
-    assert "3 problem(s)" in r.stderr
+    assert "4 problem(s)" in r.stderr
     assert "run.max_step: unknown key; did you mean 'run.max_steps'?" in r.stderr
     assert "data.num_workrs: unknown key; did you mean 'data.num_workers'?" in r.stderr
+    assert "model.backbone_kwargs.img_sz: not an argument of TerraTorch's prithvi_eo_tiny; did you mean " \
+           "'model.backbone_kwargs.img_size'?" in r.stderr
+    assert not (tmp_path / "job").exists()  # refused before anything started
+
+
+def test_missing_model_section_is_reported_with_the_rest(tmp_path):
+    cfg = tmp_path / "no_model.yaml"
+    cfg.write_text("optim: {lr: 0}\n")
+    with pytest.raises(ConfigError) as e:
+        load_experiment(cfg)
+    assert len(e.value.issues) == 2 and e.value.issues[0].startswith("model: section missing"), e.value.issues
 
 
 _EXPERIMENTS = shipped_experiments()

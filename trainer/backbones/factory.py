@@ -179,3 +179,12 @@ def _load(model, entry: catalog.Entry, root: Path, config, layout: str, allow_pi
         report = stream.stream_into(model, files, mapper, str(root), skip, ignore, spec)
     (log.warning if report.missing or report.unexpected else log.info)(report.summary())
     return report
+
+
+def accepted_kwargs(name: str) -> list[str]:
+    """Every `model.backbone_kwargs` key registered backbone `name` takes (what `_check_kwargs` admits);
+    for checking a config before anything is built. Cheap: imports no TerraTorch."""
+    params = inspect.signature(_model_class(catalog.get(name).family).__init__).parameters
+    named = [p for p, v in params.items() if p not in ("self", "config", "dims")
+             and v.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    return sorted(set(named) | set(COMMON_KWARGS))

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from trainer.config import Experiment, TaskConfig
+from trainer.data.checks import check_labels
 from trainer.data.geotiff import (GeoTiffDataset, Sample, band_count_error, find_samples, item_rng,
                                   read_header)
 from trainer.data.stats import BandStats, compute_stats, load_or_compute_stats
@@ -55,6 +56,9 @@ def build_datasets(exp: Experiment, *, is_main: bool = True,
     train = find_samples(root, data.train_images, data.train_labels, task.dates)
     val = find_samples(root, data.val_images, data.val_labels, task.dates)
     stats_path = Path(data.stats) if data.stats else root / "stats.json"
+    # Before any step (and before stats read every image): a bad label would otherwise surface mid-epoch,
+    # after a checkpoint was written. See trainer/data/checks.py for what it costs.
+    check_labels(train + val, task, data.nodata, cache_dir=stats_path.parent)
     stats = load_or_compute_stats([p for s in train for p in s.images], stats_path, nodata=data.nodata,
                                   is_main=is_main, barrier=barrier)
     common: dict[str, Any] = dict(task=task, mean=stats.mean, std=stats.std, bands=data.bands, nodata=data.nodata,

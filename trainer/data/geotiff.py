@@ -94,6 +94,28 @@ def invalid_values(arr: np.ndarray, file_nodata: float | None, nodata: float | N
     return bad
 
 
+def wrong_values(label: np.ndarray, invalid: np.ndarray, task: TaskConfig) -> np.ndarray:
+    """Label pixels (not `invalid`) the task cannot train on. Regression: outside [0, 1], which the model's
+    sigmoid-bounded output (e.g. coherence stored as 0-255) could never reach, so training would fail silently.
+    Classes: not an integer in [0, num_classes) and not task.ignore_index."""
+    if task.name == "regression":
+        return ~invalid & ((label < 0) | (label > 1))
+    check = ~invalid & (label != task.ignore_index)
+    return check & ((label < 0) | (label >= task.num_classes) | (label != np.round(label)))
+
+
+def label_range_error(path: str, values: Sequence[float], task: TaskConfig) -> DataError:
+    """Label values a task cannot train on: one message wherever they are found (before step 1 or at read)."""
+    if task.name == "regression":
+        return DataError(f"regression label tile {path} has values {list(values)[:5]} outside [0, 1]: coherence "
+                         "targets must be in [0, 1] (rescale the product, or tag invalid values as the file's nodata)")
+    k, ignore = task.num_classes, task.ignore_index
+    shown = [int(v) if float(v).is_integer() else float(v) for v in list(values)[:10]]
+    return DataError(f"label tile {path} has values {shown} outside [0, {k}) (task.num_classes={k}, "
+                     f"task.ignore_index={ignore}): remap them, raise task.num_classes, or tag them as the file's "
+                     "nodata")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Finding and pairing files
 
@@ -269,24 +291,13 @@ class GeoTiffDataset(Dataset):
         label, file_nodata = read_tile(path, [1])
         label = label[0]
         bad = invalid_values(label, file_nodata) | image_bad
-        if self.task.name == "regression":
-            # The model's output is sigmoid-bounded: a target outside [0, 1] (e.g. coherence stored as 0-255)
-            # could never be reached, and training would fail silently.
-            wrong = ~bad & ((label < 0) | (label > 1))
-            if wrong.any():
-                raise DataError(f"regression label tile {path} has values {np.unique(label[wrong])[:5].tolist()} "
-                                "outside [0, 1]: coherence targets must be in [0, 1] (rescale the product, or tag "
-                                "invalid values as the file's nodata)")
-            return np.where(bad, np.float32("nan"), label).astype("float32")
-        k, ignore = self.task.num_classes, self.task.ignore_index
-        check = ~bad & (label != ignore)
-        wrong = check & ((label < 0) | (label >= k) | (label != np.round(label)))
+        # trainer.data.checks scans every label before step 1; this guards tiles changed since
+        wrong = wrong_values(label, bad, self.task)
         if wrong.any():
-            values = [int(v) if v == int(v) else float(v) for v in np.unique(label[wrong])[:10]]
-            raise DataError(f"label tile {path} has values {values} outside [0, {k}) (task.num_classes={k}, "
-                            f"task.ignore_index={ignore}): remap them, raise task.num_classes, or tag them as the "
-                            "file's nodata")
-        return np.where(bad, ignore, label).astype("int64")
+            raise label_range_error(path, np.unique(label[wrong]).tolist(), self.task)
+        if self.task.name == "regression":
+            return np.where(bad, np.float32("nan"), label).astype("float32")
+        return np.where(bad, self.task.ignore_index, label).astype("int64")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
