@@ -38,10 +38,10 @@ def _allowed_globals() -> list:
 
     allowed = list(TORCH_SAFE_GLOBALS)
     if "deepspeed" in sys.modules:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
 
-        allowed += [ZeroStageEnum, LossScaler]
+        allowed += [ZeroStageEnum, LossScaler, DynamicLossScaler]
     return allowed
 
 
