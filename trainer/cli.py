@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.checkpoint import StopRequest
     from trainer.runtime import follow_launcher, launcher_note
 
-    stop = StopRequest().install()
+    stop = _early_stop or StopRequest().install()
     follow_launcher()
     from trainer.config import load_experiment
     from trainer.run import main
@@ -145,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
+_early_stop = None  # set by run_launcher("train") before anything else is imported
+
+
 def run_launcher(command: str) -> None:
     """Entry for `launch/<command>.py`: same parser, same exit codes."""
+    global _early_stop
+    if command == "train":
+        from trainer.checkpoint import StopRequest
+
+        _early_stop = StopRequest().install()
     sys.exit(main([command, *sys.argv[1:]]))
