@@ -14,7 +14,7 @@ import pytest
 from tests.integration.helpers import BIN, ROOT, TINY, env, metrics, train_cmd
 from trainer import launch_hook
 
-LONG = ["run.max_steps=60", "run.checkpoint_every=100", "run.eval_every=100", "memory.profile=full"]
+LONG = ["run.max_steps=100000", "run.checkpoint_every=100000", "run.eval_every=100000", "memory.profile=full"]
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +87,7 @@ def test_sigterm_to_launcher_saves_and_the_lock_refuses_a_second_run(tmp_path):
     assert launcher.returncode == 0, err[-4000:]
     assert "SIGTERM forwarded to 1 training process(es)" in err and "Re-run the same command" in err
     saved = [p.name for p in (job / "checkpoints").iterdir()]
-    assert len(saved) == 1 and saved[0] != "step-000060" and int(saved[0][5:]) >= records, saved
+    assert len(saved) == 1 and int(saved[0][5:]) >= records, saved
     assert len(metrics(job)) == int(saved[0][5:])  # the second run wrote no record
 
 
