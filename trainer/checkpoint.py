@@ -237,6 +237,7 @@ def load_checkpoint(accelerator, path: Path, frozen_excluded: bool = False, sche
             f"{path} was written by {progress.world_size} process(es) but this run has {accelerator.num_processes}: "
             "resume with the same number of processes, or convert it with `terrascale universal` (DeepSpeed "
             "universal checkpoint) first")
+    ckpt_state.refuse_custom_pickles(path)
     kwargs = {}
     if frozen_excluded:
         _check_partial(accelerator, path)

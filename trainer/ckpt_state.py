@@ -69,6 +69,17 @@ def is_refused_pickle(err: BaseException) -> bool:
     return isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err)
 
 
+def refuse_custom_pickles(directory: Path) -> None:
+    """Accelerate's `load_state` unpickles `custom_checkpoint_<i>.pkl` with `weights_only=False`. terrascale
+    registers nothing (scheduler.json instead), so such a file was written by an older terrascale or planted."""
+    found = sorted(p.name for p in Path(directory).glob("custom_checkpoint_*.pkl"))
+    if found:
+        raise CheckpointError(f"{directory} holds {', '.join(found)}: a pickle, which can run code when read and which "
+                              "terrascale neither writes nor reads; this checkpoint was written by an older terrascale "
+                              "or altered. Resume from a checkpoint written by this version, or use a new "
+                              "checkpoint.dir")
+
+
 def refused_message(path: Path, err: BaseException) -> str:
     first = str(err).strip().splitlines()
     detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")

@@ -174,6 +174,7 @@ def load_universal(accelerator, model, step_dir: Path, grad_accum: int, schedule
         raise CheckpointError(f"{step_dir}: a universal checkpoint needs DeepSpeed; this run has none")
     source = universal_dir(step_dir)
     progress = Progress.from_file(source / PROGRESS_FILE)
+    ckpt_state.refuse_custom_pickles(source)
     try:
         with ckpt_state.safe_loading():
             accelerator.load_state(str(source))

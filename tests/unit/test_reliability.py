@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from trainer import ckpt_state, diskspace, joblock, launch_hook
+from trainer.errors import CheckpointError
 from trainer.checkpoint import MARKER, PROGRESS_FILE, Progress, list_complete, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,13 @@ def test_rng_state_round_trips_without_pickle(tmp_path):
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
     assert not (tmp_path / "random_states_0.pkl").exists()  # never left for anything to read
+
+
+def test_a_custom_checkpoint_pickle_is_refused_by_name(tmp_path):
+    ckpt_state.refuse_custom_pickles(tmp_path)
+    (tmp_path / "custom_checkpoint_0.pkl").write_bytes(b"\x80planted")
+    with pytest.raises(CheckpointError, match="custom_checkpoint_0.pkl: a pickle, which can run code"):
+        ckpt_state.refuse_custom_pickles(tmp_path)
 
 
 def test_scheduler_state_round_trips_as_json(tmp_path):
