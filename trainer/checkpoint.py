@@ -148,8 +148,6 @@ def save_checkpoint(accelerator, job_dir: Path, progress: Progress, keep_last: i
     """Collective: every rank must call it. Returns the final directory. `scheduler`: our own LR scheduler
     (saved as JSON), None when DeepSpeed's engine owns it. Refuses to start (DiskFullError) when the disk lacks
     the room a checkpoint takes; the newest complete checkpoint is never touched before the new one is complete."""
-    from accelerate.utils import DistributedType
-
     root = checkpoints_dir(job_dir)
     final = root / checkpoint_name(progress.step)
     tmp = root / f"{final.name}.tmp"
@@ -160,7 +158,7 @@ def save_checkpoint(accelerator, job_dir: Path, progress: Progress, keep_last: i
             shutil.rmtree(tmp)
         done = list_complete(job_dir)
         need = diskspace.estimate(done[-1] if done else None, accelerator.unwrap_model(accelerator._models[0]),
-                                  accelerator.distributed_type == DistributedType.DEEPSPEED, frozen_excluded)
+                                  frozen_excluded)
         free = diskspace.free_bytes(root)
     need, free = _rank0_numbers(accelerator, [float(need), float(free)])
     if free < need:

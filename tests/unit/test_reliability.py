@@ -92,7 +92,7 @@ def test_disk_full_is_recognized_from_the_real_torch_writer():
 class _FakeAccelerator:
     """What save_checkpoint needs of an Accelerator, one process; save_state writes `size` bytes."""
 
-    is_main_process, num_processes, process_index, distributed_type = True, 1, 0, "NO"
+    is_main_process, num_processes, process_index = True, 1, 0
 
     def __init__(self, size: int) -> None:
         self.size, self._models = size, [torch.nn.Linear(4, 4)]
