@@ -40,8 +40,9 @@ def _allowed_globals() -> list:
     if "deepspeed" in sys.modules:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 optimizer states
 
-        allowed += [ZeroStageEnum, LossScaler, DynamicLossScaler]
+        allowed += [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
     return allowed
 
 
