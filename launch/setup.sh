@@ -22,6 +22,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "[setup] pip install failed"; exit 1; }
   echo "$want" > "$stamp"
 fi
+# `accelerate launch` passes training's exit code and SIGTERM/SIGINT through only with terrascale's launcher hook
+# (a .pth file in the venv; trainer/launch_hook.py says what it does). Cheap and idempotent: always checked.
+.venv/bin/python -m trainer.launch_hook install
 # ZeRO-Infinity (profile zero3_nvme) needs DeepSpeed's async_io op, which needs libaio. Optional: without it
 # every other profile works and zero3_nvme says why it cannot run.
 if [ ! -e /usr/include/libaio.h ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -4,7 +4,9 @@ Layout of a job dir:
     config.yaml                 the resolved experiment, frozen at the first start
     metrics.jsonl               one JSON object per logged event (train / val), rank 0 only
     curves.png                  loss and validation metric curves
-    checkpoints/step-000200/    Accelerate `save_state` (+ DeepSpeed shards), progress.json, COMPLETE
+    checkpoints/step-000200/    Accelerate `save_state` (+ DeepSpeed shards), progress.json, scheduler.json,
+                                rng_state_<rank>.safetensors, COMPLETE (nothing that resume unpickles)
+    job.lock                    held by the running job's rank 0 (trainer.joblock)
     export/model.safetensors    consolidated weights at the end (gathered from ZeRO-3)
     logs/                       TensorBoard event files
 
@@ -19,10 +21,13 @@ import os
 import re
 import shutil
 import signal
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer import ckpt_state, diskspace
+from trainer.diskspace import DiskFullError
 from trainer.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -115,21 +120,60 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(accelerator, job_dir: Path, progress: Progress, keep_last: int) -> Path:
-    """Collective: every rank must call it. Returns the final directory."""
+def _rank0_numbers(accelerator, values: list[float]) -> list[float]:
+    """Rank 0's numbers on every rank (others pass zeros). A collective: one tiny all-reduce."""
+    if accelerator.num_processes == 1:
+        return values
+    import torch
+
+    t = torch.tensor(values if accelerator.is_main_process else [0.0] * len(values), dtype=torch.float64,
+                     device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").tolist()
+
+
+@contextmanager
+def _disk_full_is_clear(tmp: Path, need: float):
+    """A full disk during the save: the partial `.tmp` is removed and one message says what is needed."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not diskspace.is_disk_full(e):
+            raise
+        diskspace.remove_partial(tmp)
+        raise DiskFullError(diskspace.message(tmp.parent, int(need), diskspace.free_bytes(tmp.parent))) from e
+
+
+def save_checkpoint(accelerator, job_dir: Path, progress: Progress, keep_last: int, scheduler=None,
+                    frozen_excluded: bool = False) -> Path:
+    """Collective: every rank must call it. Returns the final directory. `scheduler`: our own LR scheduler
+    (saved as JSON), None when DeepSpeed's engine owns it. Refuses to start (DiskFullError) when the disk lacks
+    the room a checkpoint takes; the newest complete checkpoint is never touched before the new one is complete."""
     root = checkpoints_dir(job_dir)
     final = root / checkpoint_name(progress.step)
     tmp = root / f"{final.name}.tmp"
+    need = free = 0.0
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left by a save that was killed: never trusted, so safe to drop
             shutil.rmtree(tmp)
+        done = list_complete(job_dir)
+        need = diskspace.estimate(done[-1] if done else None, accelerator.unwrap_model(accelerator._models[0]),
+                                  frozen_excluded)
+        free = diskspace.free_bytes(root)
+    need, free = _rank0_numbers(accelerator, [float(need), float(free)])
+    if free < need:
+        raise DiskFullError(diskspace.message(root, int(need), int(free)))
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _disk_full_is_clear(tmp, need):
+        accelerator.save_state(str(tmp))
+        ckpt_state.save_rng(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_write(tmp / PROGRESS_FILE, progress.to_json())
-        _fsync_write(tmp / MARKER, f"{final.name}\n")
+        with _disk_full_is_clear(tmp, need):
+            if scheduler is not None:
+                ckpt_state.save_scheduler(tmp, scheduler)
+            _fsync_write(tmp / PROGRESS_FILE, progress.to_json())
+            _fsync_write(tmp / MARKER, f"{final.name}\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -179,23 +223,33 @@ def _check_partial(accelerator, path: Path) -> None:
                               f"{unexpected[:5]}; was it written with another memory profile or backbone?")
 
 
-def load_checkpoint(accelerator, path: Path, frozen_excluded: bool = False) -> Progress:
+def load_checkpoint(accelerator, path: Path, frozen_excluded: bool = False, scheduler=None) -> Progress:
     """Collective. Restores model, optimizer, scheduler, RNG of every rank; returns the saved progress.
-    `frozen_excluded`: the checkpoint was written with `drop_frozen_weights` (checked key by key)."""
+    `frozen_excluded`: the checkpoint was written with `drop_frozen_weights` (checked key by key).
+    Nothing in the checkpoint is unpickled with code execution (trainer.ckpt_state)."""
+    import pickle
+
     progress = Progress.from_file(path / PROGRESS_FILE)
     if progress.world_size != accelerator.num_processes:
         raise CheckpointError(
             f"{path} was written by {progress.world_size} process(es) but this run has {accelerator.num_processes}: "
             "resume with the same number of processes, or convert it with `terrascale universal` (DeepSpeed "
             "universal checkpoint) first")
+    ckpt_state.refuse_custom_pickles(path)
     kwargs = {}
     if frozen_excluded:
         _check_partial(accelerator, path)
         kwargs["strict"] = False
     try:
-        accelerator.load_state(str(path), **kwargs)
-    except (OSError, RuntimeError, ValueError) as e:
+        with ckpt_state.safe_loading():
+            accelerator.load_state(str(path), **kwargs)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        if ckpt_state.is_refused_pickle(e):
+            raise CheckpointError(ckpt_state.refused_message(path, e)) from e
         raise CheckpointError(f"{path}: cannot load checkpoint ({e})") from e
+    ckpt_state.load_rng(path, accelerator.process_index)
+    if scheduler is not None:
+        ckpt_state.load_scheduler(path, scheduler)
     return progress
 
 

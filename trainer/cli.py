@@ -7,17 +7,28 @@ import os
 import sys
 from trainer.errors import TerrascaleError
 
+EXIT_ABORTED = 130  # what a shell reports for a process stopped by SIGINT
 EPILOG_OVERRIDES = ("Overrides are dotted keys after the options, e.g.\n"
                     "  optim.lr=3e-4 memory.profile=zero3_offload checkpoint.dir=runs/x run.max_steps=50")
 
 
 def _train(args: argparse.Namespace) -> int:
+    # First, before the 10-40 s of imports, data and DeepSpeed set-up: a SIGTERM/SIGINT from here on is a stop
+    # request that `trainer.run.main` honours at its first safe point, never a half-written job dir.
+    from trainer.checkpoint import StopRequest
+    from trainer.runtime import follow_launcher, launcher_note
+
+    stop = _early_stop or StopRequest().install()
+    follow_launcher()
+    from trainer.run import main
     from trainer.validate import load_checked  # every config problem, registry checks included, before any work
 
-    exp = load_checked(args.config, args.overrides)
-    from trainer.run import main
-
-    return main(exp)
+    if (note := launcher_note()) and os.environ.get("RANK", "0") == "0":
+        print(f"terrascale: warning: {note}", file=sys.stderr)
+    try:
+        return main(load_checked(args.config, args.overrides), stop)
+    finally:
+        stop.uninstall()
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -128,8 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     except TerrascaleError as e:
         report_error(e)
         return e.exit_code
+    except KeyboardInterrupt:  # the second Ctrl-C: abort now; a save it cut short stays an ignored .tmp
+        report_error(TerrascaleError("aborted by a second interrupt; the newest complete checkpoint is intact"))
+        return EXIT_ABORTED
+
+
+
+_early_stop = None  # set by run_launcher("train") before anything else is imported
 
 
 def run_launcher(command: str) -> None:
     """Entry for `launch/<command>.py`: same parser, same exit codes."""
+    global _early_stop
+    if command == "train":
+        from trainer.checkpoint import StopRequest
+
+        _early_stop = StopRequest().install()
     sys.exit(main([command, *sys.argv[1:]]))

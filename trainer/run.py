@@ -277,8 +277,8 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
         model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
             model, optimizer, train_loader, val_loader, scheduler)
     else:
+        # Saved by trainer.checkpoint as JSON (register_for_checkpointing would pickle it).
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-        accelerator.register_for_checkpointing(scheduler)
     if ds_config is None and has_frozen_parameters(model):
         accelerator.register_save_state_pre_hook(drop_frozen_weights)
     return Job(exp, profile, precision, ds_config, accelerator, model, optimizer, scheduler, scheduler_in_engine,
@@ -299,15 +299,25 @@ def loop_parts(job: Job, on_log, on_checkpoint, stop: StopRequest):
         primary_metric=PRIMARY_METRIC[task.name])
 
 
-def main(exp: Experiment) -> int:
+def main(exp: Experiment, stop: StopRequest | None = None) -> int:
+    """`stop`: a StopRequest installed as early as possible by the caller (signals during start-up); else here."""
+    from trainer.joblock import acquire
     from trainer.loop import train
 
+    stop = stop or StopRequest().install()
     job_dir = exp.job_dir
+    lock = acquire(job_dir)  # before anything reads or writes the job dir; the global rank 0 only
     resume_from = find_resume(job_dir, exp.checkpoint.resume)
     universal = needs_universal(resume_from, int(os.environ.get("WORLD_SIZE", "1")))
     job = setup(exp, universal=universal, resuming=resume_from is not None)
     exp = job.exp  # memory.profile auto resolved
     accelerator = job.accelerator
+    if stop.agreed(accelerator):  # signalled during imports, data or DeepSpeed set-up: nothing written yet
+        log.warning("stopped on request during start-up, before training; nothing was written. Re-run the same "
+                    "command to start.")
+        _shutdown(accelerator)
+        return 0
+    own_scheduler = None if job.scheduler_in_engine else job.scheduler
     if accelerator.is_main_process:
         job_dir.mkdir(parents=True, exist_ok=True)
         freeze_config(exp, job_dir)
@@ -319,8 +329,8 @@ def main(exp: Experiment) -> int:
     metrics_log = MetricsLog(job_dir / "metrics.jsonl", accelerator.is_main_process)
     progress = Progress(world_size=accelerator.num_processes)
     if resume_from is not None:
-        progress = (load_universal(accelerator, job.model, resume_from, exp.run.grad_accum) if universal
-                    else load_checkpoint(accelerator, resume_from, job.frozen_excluded))
+        progress = (load_universal(accelerator, job.model, resume_from, exp.run.grad_accum, own_scheduler)
+                    if universal else load_checkpoint(accelerator, resume_from, job.frozen_excluded, own_scheduler))
         metrics_log.truncate_after(progress.step)
         log.info("resumed from %s at step %d (epoch %d)", resume_from, progress.step, progress.epoch)
     trackers, _ = select_trackers(exp.run.trackers)
@@ -334,16 +344,12 @@ def main(exp: Experiment) -> int:
                          if isinstance(v, (int, float)) and k not in ("step", "split")}, step=record["step"])
 
     def on_checkpoint(p: Progress) -> None:
-        path = save_checkpoint(accelerator, job_dir, p, exp.checkpoint.keep_last)
+        path = save_checkpoint(accelerator, job_dir, p, exp.checkpoint.keep_last, own_scheduler, job.frozen_excluded)
         log.info("checkpoint %s", path)
         if accelerator.is_main_process:
             plot_curves(metrics_log.read(), job_dir / "curves.png", primary)
 
-    stop = StopRequest().install()
-    try:
-        progress, stopped = train(loop_parts(job, on_log, on_checkpoint, stop), progress)
-    finally:
-        stop.uninstall()
+    progress, stopped = train(loop_parts(job, on_log, on_checkpoint, stop), progress)
     if stopped:
         log.warning("stopped at step %d on request; checkpoint saved. Re-run the same command to continue.",
                     progress.step)
@@ -354,6 +360,8 @@ def main(exp: Experiment) -> int:
         if out:
             log.info("exported weights to %s (%s)", out, ", ".join(sorted(p.name for p in out.iterdir())))
     _shutdown(accelerator)
+    if lock is not None:
+        lock.release()
     return 0
 
 

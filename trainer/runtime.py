@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import warnings
 from pathlib import Path
+
+from trainer.launch_hook import PID_ENV
+
+log = logging.getLogger("terrascale")
 
 
 def cuda_available() -> bool:
@@ -64,3 +69,25 @@ def setup_logging(is_main: bool) -> None:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.addFilter(_DropHarmlessZero3Warning())
+
+
+def follow_launcher() -> None:
+    """Under terrascale's `accelerate launch` hook: ask the kernel for a SIGTERM (save, then exit) if the launcher
+    dies, so that a SIGKILLed launcher never leaves training running orphaned. A stale variable (a process started
+    by something else that inherited it) is ignored: the launcher must be our parent."""
+    pid = os.environ.get(PID_ENV)
+    if not pid or not sys.platform.startswith("linux") or str(os.getppid()) != pid:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+
+
+def launcher_note() -> str | None:
+    """Started by `accelerate launch` without the hook `launch/setup.sh` installs: say what that costs."""
+    if "ACCELERATE_MIXED_PRECISION" in os.environ and PID_ENV not in os.environ:
+        return ("started by `accelerate launch` without terrascale's launcher hook (run `bash launch/setup.sh`, or "
+                "`python -m trainer.launch_hook install` in this venv): a failing run will exit 1 with a traceback "
+                "instead of its own exit code, and SIGTERM must be sent to the training process, not the launcher")
+    return None

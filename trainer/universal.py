@@ -92,9 +92,16 @@ def _run_ds_to_universal(src: Path, dst: Path, workers: int) -> None:
             "--num_extract_workers", str(workers), "--num_merge_workers", str(workers),
             # Models outside Megatron carry no UNIVERSAL_CHECKPOINT_INFO; ZeRO-1/2 conversion asserts on it.
             "--inject_missing_state"]
+    import pickle
+
+    from trainer.ckpt_state import refused_message, safe_loading
+
     args = _parse_converter_args(ds_to_universal, argv)
     try:
-        ds_to_universal.main(args)
+        with safe_loading():  # the converter reads the shards with weights_only=False: forced to True
+            ds_to_universal.main(args)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(refused_message(src, e)) from e
     except (FileNotFoundError, RuntimeError, ValueError, KeyError, AssertionError, NotImplementedError) as e:
         raise CheckpointError(f"{src}: DeepSpeed could not convert this checkpoint to the universal format "
                               f"({type(e).__name__}: {e})") from e
@@ -154,19 +161,33 @@ def rescale_progress(progress: Progress, world_size: int, grad_accum: int) -> Pr
     return replace(progress, batch_in_epoch=per_rank, world_size=world_size)
 
 
-def load_universal(accelerator, model, step_dir: Path, grad_accum: int) -> Progress:
-    """Collective. Loads `<step dir>/universal/` into a DeepSpeed engine built with `load_universal: true`."""
+def load_universal(accelerator, model, step_dir: Path, grad_accum: int, scheduler=None) -> Progress:
+    """Collective. Loads `<step dir>/universal/` into a DeepSpeed engine built with `load_universal: true`.
+    Every pickle-format file is read by torch's weights-only unpickler (trainer.ckpt_state.safe_loading)."""
+    import pickle
+
     from accelerate.utils import DistributedType
+
+    from trainer import ckpt_state
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise CheckpointError(f"{step_dir}: a universal checkpoint needs DeepSpeed; this run has none")
     source = universal_dir(step_dir)
     progress = Progress.from_file(source / PROGRESS_FILE)
+    ckpt_state.refuse_custom_pickles(source)
     try:
-        accelerator.load_state(str(source))
-        restored = _restore_buffers(model, source / DS_TAG, accelerator.process_index)
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        with ckpt_state.safe_loading():
+            accelerator.load_state(str(source))
+            restored = _restore_buffers(model, source / DS_TAG, accelerator.process_index)
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        if ckpt_state.is_refused_pickle(e):
+            raise CheckpointError(ckpt_state.refused_message(source, e)) from e
         raise CheckpointError(f"{source}: cannot load the universal checkpoint ({e})") from e
+    # The random state is per rank: with another number of processes, rank r takes rank r's if it existed.
+    if (source / ckpt_state.RNG_FILE.format(accelerator.process_index)).is_file():
+        ckpt_state.load_rng(source, accelerator.process_index)
+    if scheduler is not None:
+        ckpt_state.load_scheduler(source, scheduler)
     new = rescale_progress(progress, accelerator.num_processes, grad_accum)
     log.info("loaded universal checkpoint %s (written by %d process(es), now %d; %d buffers): step %d, batch %d of "
              "epoch %d", source, progress.world_size, new.world_size, restored, new.step, new.batch_in_epoch,
@@ -185,7 +206,7 @@ def _restore_buffers(model, tag_dir: Path, rank: int) -> int:
     files = [own] if own.is_file() else sorted(tag_dir.glob("*model_states.pt"), key=lambda p: (len(p.name), p.name))
     if not files:
         raise FileNotFoundError(f"no model-states file in {tag_dir}")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    state = torch.load(files[0], map_location="cpu", weights_only=True)  # allow-list: ckpt_state.safe_loading
     saved = state["module"]
     module = getattr(model, "module", model)  # the DeepSpeed engine wraps the model
     count = 0

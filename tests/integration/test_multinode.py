@@ -59,7 +59,7 @@ def test_two_nodes_zero3_then_universal_resume_on_one(tmp_path):
     step2 = ckpts / "step-000002"
     shards = sorted(p.name for p in (step2 / "pytorch_model").glob("*_optim_states.pt"))
     assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    assert (step2 / "random_states_1.pkl").is_file()
+    assert (step2 / "rng_state_1.safetensors").is_file()
 
     # same world size: resumes, stops at step 3
     node0, _ = run_two_nodes([*base, "run.stop_at_step=3"], tmp_path)

@@ -85,6 +85,6 @@ def test_profile_trains_and_resumes_one_process(tmp_path, profile):
 def test_zero_profile_trains_and_resumes_two_processes(tmp_path, profile):
     job = _train_stop_resume(tmp_path, profile, 2)
     ckpt = job / "checkpoints" / "step-000002"
-    assert (ckpt / "random_states_1.pkl").is_file()
+    assert (ckpt / "rng_state_1.safetensors").is_file()
     shards = list((ckpt / "pytorch_model").glob("*optim_states.pt"))
     assert len(shards) == 2, shards  # ZeRO really partitioned the optimizer across the two ranks

@@ -47,7 +47,7 @@ def test_interrupted_and_resumed_equals_straight(tmp_path, profile, nproc):
     assert (job / "config.yaml").is_file()
     assert list((job / "logs").rglob("events.out.tfevents*")), "no TensorBoard events"
     if nproc == 2:
-        assert (job / "checkpoints" / "step-000006" / "random_states_1.pkl").is_file()
+        assert (job / "checkpoints" / "step-000006" / "rng_state_1.safetensors").is_file()
 
 
 @pytest.mark.slow
