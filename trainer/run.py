@@ -287,8 +287,8 @@ def main(exp: Experiment) -> int:
     if resume_from is not None:
         progress = (load_universal(accelerator, job.model, resume_from, exp.run.grad_accum) if universal
                     else load_checkpoint(accelerator, resume_from, job.frozen_excluded))
-        metrics_log.truncate_after(progress.step)
         log.info("resumed from %s at step %d (epoch %d)", resume_from, progress.step, progress.epoch)
+    metrics_log.resume_at(progress.step)  # on every start: a fresh one (step 0) keeps nothing of a killed run
     trackers, _ = select_trackers(exp.run.trackers)
     accelerator.init_trackers(exp.name, config=hparams(exp.model_dump(mode="json")),
                               init_kwargs=init_kwargs(trackers, exp.name, job_dir))
