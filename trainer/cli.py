@@ -89,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "and data, interleaved in one process; writes the ratio (target <= 1.05x). optimizer: the "
                        "CPU optimizer step of offloaded parameters, DeepSpeedCPUAdam vs torch AdamW foreach/fused. "
                        "planner: wall time and peak RSS of `launch/plan.py` for every catalog backbone and shipped "
-                       "config, each in a fresh process, warm (shipped trace cache) and cold (nothing cached). chaos: kill -9 a small "
-                       "job N times (some during checkpoint saves and the export), re-run it until it finishes, "
-                       "compare its export bitwise to a straight run's (exit 1 if not equal).",
+                       "config, each in a fresh process, warm (shipped trace cache) and cold (nothing cached). "
+                       "chaos: kill -9 a small job N times (some during checkpoint saves and the export), re-run it "
+                       "until it finishes, compare its export bitwise to a straight run's (exit 1 if not equal); "
+                       "overrides go right after the benchmark name.",
                        epilog=EPILOG_OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("what", choices=["overhead", "optimizer", "planner", "chaos"], help="which benchmark")
     _add_config(b, required=False)
