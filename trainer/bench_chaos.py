@@ -52,6 +52,7 @@ class Attempt:
     resume_point: str | None = None  # newest complete checkpoint after the kill: where the next run must resume
     resumed_from: str | None = None  # what this run said it resumed from
     timed_out: bool = False
+    first_step_s: float | None = None  # start to the first newly logged step (when the log had no leftovers)
     log: str = ""
 
 
@@ -107,9 +108,14 @@ def _train_steps(job: Path) -> int:
 
 
 def run_once(cmd: list[str], job: Path, log_path: Path, kind: str | None, delay_s: float, nth_save: int,
-             timeout_s: float, on_poll=None) -> Attempt:
-    """One run of the job; killed (whole process group, SIGKILL) at the planned moment unless `kind` is None."""
+             timeout_s: float, on_poll=None, done: int = 0, latest_step: int | None = None) -> Attempt:
+    """One run of the job; killed (whole process group, SIGKILL) at the planned moment unless `kind` is None.
+
+    `done`: steps of the checkpoint it resumes from. A random kill fires after `delay_s`, or at the latest
+    when step `latest_step` is logged, so that a slower-than-expected start cannot let the job finish first."""
     att = Attempt(kind=kind, log=str(log_path))
+    clean_log = False  # the log holds no records left by a killed run (trimmed): any new one is a new step
+    next_look, logged = 0.0, 0
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     seen_saves: set[str] = set()
     with open(log_path, "w") as out:
@@ -118,12 +124,17 @@ def run_once(cmd: list[str], job: Path, log_path: Path, kind: str | None, delay_
         fire = False
         while proc.poll() is None:
             now = time.monotonic() - t0
+            if now >= next_look:  # reading the log costs more than a stat: 4 times a second is enough
+                next_look, logged = now + 0.25, _train_steps(job)
+                clean_log = clean_log or logged <= done
+                if clean_log and att.first_step_s is None and logged > done:
+                    att.first_step_s = now
             if now > timeout_s:
                 att.timed_out = fire = True
             elif kind is not None:
                 temps = _temp_dirs(job)
                 if kind == "random":
-                    fire = now >= delay_s
+                    fire = now >= delay_s or (clean_log and latest_step is not None and logged >= latest_step)
                 elif kind == "save":
                     seen_saves.update(t for t in temps if t.startswith("step-"))
                     fire = len(seen_saves) >= nth_save and any(t.startswith("step-") for t in temps)
@@ -234,10 +245,15 @@ def run(config: Path | None, overrides: list[str], kills: int, seed: int, proces
             budget_exhausted = True
             break
         done = int((_newest(chaos) or "step-0").split("-")[1])
-        remaining = timing.startup_s + (total_steps - done) * timing.step_s
-        delay = rng.uniform(0.0, min(timing.startup_s + 2 * interval * timing.step_s, 0.8 * remaining))
+        # the reference's start includes one-off costs (data generation, JIT-compiled DeepSpeed ops): the
+        # quickest start seen so far is the estimate
+        startup = min([timing.startup_s, *(a.first_step_s for a in attempts if a.first_step_s is not None)])
+        remaining = startup + (total_steps - done) * timing.step_s
+        delay = rng.uniform(0.0, min(startup + 2 * interval * timing.step_s, 0.8 * remaining))
+        latest = done + min(2 * interval, total_steps - done - 1)
         nth_save = rng.choice([1, 2]) if total_steps - done > 2 * interval else 1
-        att = run_once(cmd(chaos), chaos, work / f"attempt-{i:02d}.log", kind, delay, nth_save, attempt_timeout_s)
+        att = run_once(cmd(chaos), chaos, work / f"attempt-{i:02d}.log", kind, delay, nth_save, attempt_timeout_s,
+                       done=done, latest_step=latest if latest > done else None)
         attempts.append(att)
         log.info("attempt %d: %s kill at %.1f s (%s) -> newest complete %s", i, kind,
                  att.killed_at_s or -1, att.moment, att.resume_point)
