@@ -118,6 +118,7 @@ def run_once(cmd: list[str], job: Path, log_path: Path, kind: str | None, delay_
     next_look, logged = 0.0, 0
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     seen_saves: set[str] = set()
+    stale = set(_temp_dirs(job))  # left by an earlier killed run: ignored until they vanish (being rewritten)
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         t0 = time.monotonic()
@@ -133,6 +134,8 @@ def run_once(cmd: list[str], job: Path, log_path: Path, kind: str | None, delay_
                 att.timed_out = fire = True
             elif kind is not None:
                 temps = _temp_dirs(job)
+                stale &= set(temps)
+                temps = [t for t in temps if t not in stale]
                 if kind == "random":
                     fire = now >= delay_s or (clean_log and latest_step is not None and logged >= latest_step)
                 elif kind == "save":
@@ -263,15 +266,19 @@ def run(config: Path | None, overrides: list[str], kills: int, seed: int, proces
         attempts.append(run_once(cmd(chaos), chaos, work / "final.log", None, 0.0, 0, attempt_timeout_s))
 
     survived, problems = 0, []
-    for prev, nxt in zip(attempts, attempts[1:]):
+    for k, prev in enumerate(attempts):
         if prev.killed_at_s is None:
             continue
-        resumed_right = nxt.resumed_from == prev.resume_point
-        no_crash = nxt.exit in (None, 0) and "Traceback" not in Path(nxt.log).read_text(errors="replace")
-        if resumed_right and no_crash:
+        verdict = None  # judged by the first later run that got as far as resuming (or starting fresh)
+        for nxt in attempts[k + 1:]:
+            crashed = nxt.exit not in (None, 0) or "Traceback" in Path(nxt.log).read_text(errors="replace")
+            if crashed or nxt.resumed_from is not None or nxt.exit == 0 or prev.resume_point is None:
+                verdict = not crashed and nxt.resumed_from == prev.resume_point
+                break  # a run killed before its resume line leaves the newest checkpoint as it was: look on
+        if verdict:
             survived += 1
         else:
-            problems.append(f"after the {prev.kind} kill ({prev.moment}) the next run resumed from "
+            problems.append(f"after the {prev.kind} kill ({prev.moment}) the next run that resumed said "
                             f"{nxt.resumed_from} (expected {prev.resume_point}), exit {nxt.exit}; see {nxt.log}")
     final = attempts[-1]
     problems += [f"a run hung for {attempt_timeout_s:.0f} s and was stopped; see {a.log}" for a in attempts
