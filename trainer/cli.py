@@ -56,6 +56,10 @@ def _bench(args: argparse.Namespace) -> int:
         doc = plan_bench.run(out, backbones=args.backbones, cold=not args.warm_only)
         print(plan_bench.summary(doc) + f"\nwritten to {out}")
         return 0
+    if args.what == "chaos":
+        from trainer import bench_chaos
+
+        return bench_chaos.main(args.config, args.overrides, args.kills, args.seed, args.processes, out, args.budget)
     from trainer import bench
 
     exp = load_experiment(args.config or DEMO_CONFIG, args.overrides)
@@ -98,9 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "and data, interleaved in one process; writes the ratio (target <= 1.05x). optimizer: the "
                        "CPU optimizer step of offloaded parameters, DeepSpeedCPUAdam vs torch AdamW foreach/fused. "
                        "planner: wall time and peak RSS of `launch/plan.py` for every catalog backbone and shipped "
-                       "config, each in a fresh process, warm (shipped trace cache) and cold (nothing cached).",
+                       "config, each in a fresh process, warm (shipped trace cache) and cold (nothing cached). "
+                       "chaos: kill -9 a small job N times (some during checkpoint saves and the export), re-run it "
+                       "until it finishes, compare its export bitwise to a straight run's (exit 1 if not equal); "
+                       "overrides go right after the benchmark name.",
                        epilog=EPILOG_OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("what", choices=["overhead", "optimizer", "planner"], help="which benchmark")
+    b.add_argument("what", choices=["overhead", "optimizer", "planner", "chaos"], help="which benchmark")
     _add_config(b, required=False)
     b.add_argument("--steps", type=int, default=30, help="training steps per timed round (default 30)")
     b.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are compared (default 5)")
@@ -109,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backbones", nargs="+", metavar="NAME", help="planner: only these catalog backbones "
                    "(their fit-table rows and the shipped configs that use them; default: all)")
     b.add_argument("--warm-only", action="store_true", help="planner: skip the cold (nothing cached) runs")
+    b.add_argument("--kills", type=int, default=20, help="chaos: kill -9 this many times (default 20)")
+    b.add_argument("--seed", type=int, default=0, help="chaos: seed of the kill plan and moments (default 0)")
+    b.add_argument("--processes", type=int, default=1, help="chaos: processes of the job (default 1)")
+    b.add_argument("--budget", type=float, default=2400, help="chaos: seconds after which no more kills are "
+                   "sent and the job is left to finish (default 2400)")
     b.add_argument("--out", default="bench_results", help="results folder (default bench_results/)")
     b.set_defaults(func=_bench)
     for module in COMMAND_MODULES:

@@ -73,6 +73,18 @@ def stats_file(exp: Experiment) -> Path | None:
     return path if path.is_file() else None
 
 
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Replace `out_dir` by the complete `tmp` with renames only: at any kill, `out_dir` is either the whole old
+    export, the whole new one, or absent (the next run of the job exports again); never half of either."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_job(accelerator, model: nn.Module, exp: Experiment, profile: Profile, zero_stage: int,
                out_dir: Path, metadata: dict[str, Any]) -> Path | None:
     """Collective (ZeRO-3 gathers on every rank). Returns the export dir on rank 0."""
@@ -102,9 +114,7 @@ def export_job(accelerator, model: nn.Module, exp: Experiment, profile: Profile,
     (tmp / "config.yaml").write_text(dump_experiment(exp))
     if (stats := stats_file(exp)) is not None:
         shutil.copyfile(stats, tmp / "stats.json")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    _swap_into_place(tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
 

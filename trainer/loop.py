@@ -45,6 +45,28 @@ class EpochSampler(Sampler[int]):
         return self.length
 
 
+def epoch_loader(loader, sampler: EpochSampler, dataset, epoch: int, skip: int = 0):
+    """The prepared train loader positioned at `epoch`, its first `skip` micro-batches skipped (a resume).
+
+    Accelerate's prepared loader calls `set_epoch(self.iteration)` on its sampler and dataset at every
+    `__iter__`, and `iteration` only advances when a loader is exhausted (this loop stops one batch short of
+    that): an epoch set on the sampler alone is overwritten, and every epoch would replay epoch 0's order and
+    flips. Setting it through the loader sets `iteration`; `skip_first_batches` copies `iteration` into the
+    loader it builds. The sampler and dataset are also set directly, because Accelerate reaches the dataset
+    only when it did not find the sampler (an `elif`), and the same value is set either way.
+    """
+    from accelerate.data_loader import skip_first_batches
+
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    if skip:
+        loader = skip_first_batches(loader, skip)
+    sampler.set_epoch(epoch)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    return loader
+
+
 def steps_per_epoch(n_samples: int, batch_size: int, world_size: int, grad_accum: int) -> int:
     return n_samples // (batch_size * world_size * grad_accum)
 
@@ -131,13 +153,8 @@ def train(parts: LoopParts, progress: Progress) -> tuple[Progress, bool]:
     stopped = False
     t_last, samples_last = time.perf_counter(), progress.samples_seen
     while progress.step < parts.total and not stopped:
-        parts.sampler.set_epoch(progress.epoch)
-        if hasattr(parts.train_dataset, "set_epoch"):
-            parts.train_dataset.set_epoch(progress.epoch)
-        loader = parts.train_loader
-        if progress.batch_in_epoch:
-            loader = acc.skip_first_batches(loader, progress.batch_in_epoch)
-        batches = iter(loader)
+        batches = iter(epoch_loader(parts.train_loader, parts.sampler, parts.train_dataset, progress.epoch,
+                                    skip=progress.batch_in_epoch))
         while progress.batch_in_epoch < parts.per_epoch * gas and progress.step < parts.total:
             step_loss = torch.zeros(())
             for _ in range(gas):

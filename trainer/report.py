@@ -2,33 +2,70 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 
 class MetricsLog:
+    """One JSON record per line, appended by rank 0; exactly one record per (split, step) whatever the kills.
+
+    A run killed after its last checkpoint has logged steps the resumed run logs again, and a `kill -9` in the
+    middle of a write leaves a torn last line: `resume_at` is called on every start and keeps only the whole
+    records up to the checkpoint being resumed (none on a fresh start)."""
+
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = Path(path), enabled
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop records a killed run wrote after its last checkpoint, so the log equals a straight run."""
-        if not (self.enabled and self.path.is_file()):
+    def resume_at(self, step: int) -> None:
+        """Trim the log to the records of steps <= `step` (0: a fresh start, nothing kept), atomically."""
+        if not (self.enabled and self.path.exists()):
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        records, torn = parse_records(self.path.read_text(errors="replace"), self.path)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        dropped = len(records) - len(kept)
+        if dropped or torn:
+            log.info("%s: dropped %d record(s) after step %d%s, written by an interrupted run", self.path, dropped,
+                     step, " and a torn last line" if torn else "")
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
 
     def append(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record) + "\n")  # one write per record: a kill tears at most the last line
 
     def read(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return parse_records(self.path.read_text(errors="replace"), self.path)[0]
+
+
+def parse_records(text: str, source: Path) -> tuple[list[dict], bool]:
+    """The whole records of a metrics log, and whether its last line was torn (cut by a kill mid-write: no
+    newline, or not JSON). A damaged line before the last is not a kill's doing: it is dropped with a warning
+    naming the file and line, so a resume never crashes on its own log."""
+    lines = text.split("\n")
+    tail = lines.pop()  # "" when the file ends with a newline; otherwise a line cut mid-write
+    torn = bool(tail.strip())
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number == len(lines) and not torn:
+            torn = True
+        else:
+            log.warning("%s line %d is not a JSON record; skipped", source, number)
+    return records, torn
 
 
 def plot_curves(records: list[dict], out: Path, primary: str) -> Path | None:

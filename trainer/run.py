@@ -137,13 +137,17 @@ def build_scheduler(exp: Experiment, optimizer, total: int, ds_config: dict | No
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), False
 
 
-def freeze_config(exp: Experiment, job_dir: Path) -> None:
-    """Write the resolved config beside the run; on resume, keep the original and note differences."""
+def freeze_config(exp: Experiment, job_dir: Path, fresh: bool = True) -> None:
+    """Write the resolved config beside the run; on resume, keep the original and note differences. A fresh
+    start (no checkpoint to resume) rewrites it: nothing trained under an older one is kept. Written under a
+    temporary name and renamed, so a kill never leaves a truncated config.yaml."""
     path = job_dir / "config.yaml"
     # stop_at_step is a per-invocation knob (time-boxed runs): not a change of the experiment.
     text = dump_experiment(exp.model_copy(update={"run": exp.run.model_copy(update={"stop_at_step": None})}))
-    if not path.exists():
-        path.write_text(text)
+    if fresh or not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     elif path.read_text() != text:
         path.with_name("config.resumed.yaml").write_text(text)
         log.warning("the config differs from the one this job started with (%s); the new one is saved as %s",
@@ -320,7 +324,7 @@ def main(exp: Experiment, stop: StopRequest | None = None) -> int:
     own_scheduler = None if job.scheduler_in_engine else job.scheduler
     if accelerator.is_main_process:
         job_dir.mkdir(parents=True, exist_ok=True)
-        freeze_config(exp, job_dir)
+        freeze_config(exp, job_dir, fresh=resume_from is None)
         if job.auto_choice is not None:
             from trainer.memory.auto import write_plan
 
@@ -331,8 +335,8 @@ def main(exp: Experiment, stop: StopRequest | None = None) -> int:
     if resume_from is not None:
         progress = (load_universal(accelerator, job.model, resume_from, exp.run.grad_accum, own_scheduler)
                     if universal else load_checkpoint(accelerator, resume_from, job.frozen_excluded, own_scheduler))
-        metrics_log.truncate_after(progress.step)
         log.info("resumed from %s at step %d (epoch %d)", resume_from, progress.step, progress.epoch)
+    metrics_log.resume_at(progress.step)  # on every start: a fresh one (step 0) keeps nothing of a killed run
     trackers, _ = select_trackers(exp.run.trackers)
     accelerator.init_trackers(exp.name, config=hparams(exp.model_dump(mode="json")),
                               init_kwargs=init_kwargs(trackers, exp.name, job_dir))
