@@ -228,6 +228,32 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _sort(mapped: dict[str, torch.Tensor], own: dict, skip: list[re.Pattern], report, mismatched: list[str]) -> list[str]:
+    """The names in `mapped` the model holds at that shape; the rest goes to the report (skipped/unexpected)
+    or to `mismatched`."""
+    names = []
+    for name, t in mapped.items():
+        if name in own:
+            if tuple(own[name]) != tuple(t.shape):
+                mismatched.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(own[name])}")
+            else:
+                names.append(name)
+        elif any(r.search(name) for r in skip):
+            report.skipped.append(name)
+        else:
+            report.unexpected.append(name)
+    return names
+
+
+def _refuse(mismatched: list[str], matched: bool, first_keys: list[str], source: str) -> None:
+    if mismatched:
+        raise ConfigError([f"model.backbone_kwargs.pretrained_path: shape mismatch {m}" for m in mismatched[:10]],
+                          source=source)
+    if not matched:
+        raise ConfigError(f"model.backbone_kwargs.pretrained_path: no tensor in {source} matches the model "
+                          f"(first checkpoint keys: {first_keys}); check checkpoint_layout", source=source)
+
+
 def plan_keys(files: list[Path], mapper: Mapper, own: dict[str, torch.Size], skip: list[re.Pattern],
               ignore_missing: Callable[[str], bool], source: str):
     """Map every checkpoint key from the headers alone; returns (targets, report pieces)."""
@@ -238,28 +264,11 @@ def plan_keys(files: list[Path], mapper: Mapper, own: dict[str, torch.Size], ski
     for f in files:
         for key, info in safetensors_header(f).items():
             fake = torch.empty(info["shape"], dtype=_DTYPES.get(info["dtype"], torch.float32), device="meta")
-            mapped = mapper({key: fake})
-            names = []
-            for name, t in mapped.items():
-                if name in own:
-                    if tuple(own[name]) != tuple(t.shape):
-                        mismatched.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(own[name])}")
-                    else:
-                        names.append(name)
-                elif any(r.search(name) for r in skip):
-                    report.skipped.append(name)
-                else:
-                    report.unexpected.append(name)
+            names = _sort(mapper({key: fake}), own, skip, report, mismatched)
             if names:
                 targets.append(_Target(key, f, names))
                 seen.update(names)
-    if mismatched:
-        raise ConfigError([f"model.backbone_kwargs.pretrained_path: shape mismatch {m}" for m in mismatched[:10]],
-                          source=source)
-    if not targets:
-        first = [k for f in files[:1] for k in list(safetensors_header(f))[:5]]
-        raise ConfigError(f"model.backbone_kwargs.pretrained_path: no tensor in {source} matches the model "
-                          f"(first checkpoint keys: {first}); check checkpoint_layout", source=source)
+    _refuse(mismatched, bool(targets), [k for f in files[:1] for k in list(safetensors_header(f))[:5]], source)
     report.loaded = sorted(seen)
     report.missing = sorted(k for k in own if k not in seen and not ignore_missing(k))
     return targets, report
@@ -375,23 +384,9 @@ def place_mapped(model: nn.Module, mapped: dict[str, torch.Tensor], source: str,
     own = {k: _full_shape(v) for k, v in held.items()}
     skip_re = [re.compile(p) for p in skip]
     report = LoadReport(source, unexpected=list(unexpected))
-    mismatched, to_load = [], []
-    for name, t in mapped.items():
-        if name in own:
-            if tuple(own[name]) != tuple(t.shape):
-                mismatched.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(own[name])}")
-            else:
-                to_load.append(name)
-        elif any(r.search(name) for r in skip_re):
-            report.skipped.append(name)
-        else:
-            report.unexpected.append(name)
-    if mismatched:
-        raise ConfigError([f"model.backbone_kwargs.pretrained_path: shape mismatch {m}" for m in mismatched[:10]],
-                          source=source)
-    if not to_load:
-        raise ConfigError(f"model.backbone_kwargs.pretrained_path: no tensor in {source} matches the model "
-                          f"(first checkpoint keys: {list(mapped)[:5]}); check checkpoint_layout", source=source)
+    mismatched: list[str] = []
+    to_load = _sort(mapped, own, skip_re, report, mismatched)
+    _refuse(mismatched, bool(to_load), list(mapped)[:5], source)
     stats = StreamStats()
     placer = _Placer(model, spec, stats, quantize)
     for name in to_load:

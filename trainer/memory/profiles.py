@@ -59,13 +59,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
             cpu_verified="1 process where DeepSpeed's async_io op builds (libaio): trains, swaps, resumes", gpu_only="NVMe bandwidth"),
     Profile("lora", "frozen bf16 backbone, LoRA adapters + decoder/head trainable", "backbone weights fit in "
             "GPU memory in bf16, its gradients and Adam states do not", lora=_LORA, grad_checkpointing=True,
-            cpu_verified="trains, resumes; adapters and merged export reproduce outputs"),
+            cpu_verified="trains, resumes; adapters and merged export reproduce outputs; bf16 run holds a loaded checkpoint's frozen weights in bf16"),
     Profile("qlora", "backbone linears in 4-bit NF4 (double quant, bf16 compute), LoRA on top",
             "backbone does not fit in bf16; single GPU", quantization="nf4", lora=_LORA, grad_checkpointing=True,
-            cpu_verified="bitsandbytes CPU backend: NF4 trains, resumes; dequantized merge reproduces outputs", gpu_only="CUDA NF4 kernels, speed"),
+            cpu_verified="bitsandbytes CPU backend: a sharded checkpoint quantized layer by layer on arrival; NF4 trains, resumes; dequantized merge reproduces outputs", gpu_only="CUDA NF4 kernels, speed"),
     Profile("zero3_offload_lora", "bf16 backbone streamed from CPU by ZeRO-3, LoRA trainable",
             "26-40B backbones on one 24 GB GPU with LoRA", deepspeed="zero3_bf16_offload_all", lora=_LORA,
-            grad_checkpointing=True, cpu_verified="1 and 2 processes: trains, resumes, merged export", gpu_only="PCIe transfer time"),
+            grad_checkpointing=True, cpu_verified="1 and 2 processes: a sharded checkpoint loaded into the ZeRO-3 partitions; trains, resumes, merged export", gpu_only="PCIe transfer time"),
     Profile("auto", "chosen by the planner: the fastest profile that fits the GPU", "you do not know which fits",
             cpu_verified="chooses and trains"),
 ]}
