@@ -222,6 +222,19 @@ class _Placer:
         self.stats.seconds["quantize"] += time.perf_counter() - t0
 
 
+def _release_freed_heap() -> None:
+    """glibc keeps freed quantization scratch in its heap; hand it back after each shard (cheap: ms). Without
+    this the process held ~0.6 B/param more after an NF4 load (measured on a real-width 40B-class shard set)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc (e.g. musl): nothing to hand back this way
+            pass
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -297,7 +310,9 @@ def stream_into(model: nn.Module, files: list[Path], mapper: Mapper, source: str
                 # under ZeRO-3 only rank 0 reads what goes into partitions; anything else every rank needs
                 if placer.rank0 or not all(is_partitioned(held[n]) for n in t.names):
                     t0 = time.perf_counter()
-                    raw = handle.get_tensor(t.key)
+                    # get_tensor is a view of the mapped shard: a kept view (a norm weight, a bias) would keep the
+                    # whole mapping resident after the shard is done. Copy out: the copy is the real read.
+                    raw = handle.get_tensor(t.key).clone()
                     stats.seconds["read"] += time.perf_counter() - t0
                     stats.bytes_read += raw.numel() * raw.element_size()
                     tensors = {n: v for n, v in mapper({t.key: raw}).items() if n in t.names}
@@ -312,6 +327,7 @@ def stream_into(model: nn.Module, files: list[Path], mapper: Mapper, source: str
                     del value
                 stats.tensors += 1
                 bar.update(1)
+        _release_freed_heap()
     bar.close()
     materialize_missing(model, spec, report.missing)
     report.stats = stats
