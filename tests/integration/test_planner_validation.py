@@ -25,9 +25,15 @@ from trainer.memory import workload as wl
 
 TOLERANCE = 0.10
 TILE, BATCH, BANDS = 64, 2, 6
+# fp32: the CPU run's policy. bf16 (autocast, frozen weights cast to bf16, trainables fp32): the GPU run's policy
+# for lora/qlora without DeepSpeed, run on the CPU (bf16 here is ~10x slower, hence the small model).
+# bf16 qlora is not in the list: measured at -14.1 % (planner 12.19 MiB vs real 14.19 MiB; the traced 4-bit LoRA
+# layer under autocast keeps 4.0 MiB of activations where real bitsandbytes keeps 6.3, as much as bf16 lora):
+# an open planner bug (docs/planner.md), not hidden by a wider tolerance.
+CASES = {"fp32": ("full", "lora", "qlora"), "bf16": ("lora",)}
 
 
-def _experiment():
+def _experiment(precision: str = "fp32"):
     return build_experiment({
         "model": {"backbone": "internvl2_5_4b",
                   "backbone_kwargs": {"mode": "full", "in_channels": BANDS, "image_size": TILE},
@@ -36,7 +42,7 @@ def _experiment():
                   "decoder": "UNetDecoder", "decoder_kwargs": {"channels": [32, 16, 8, 4]}},
         "task": {"name": "segmentation", "num_classes": 3},
         "data": {"kind": "synthetic", "batch_size": BATCH, "synthetic": {"tile_size": TILE, "num_bands": BANDS}},
-        "run": {"precision": "fp32", "grad_clip": 1.0},
+        "run": {"precision": precision, "grad_clip": 1.0},
     })
 
 
@@ -60,11 +66,22 @@ def setup(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TERRASCALE_CACHE", str(tmp_path_factory.mktemp("cache")))  # measure now, reuse nothing
-        exp, own, builders = _experiment(), _small_internvl(), terratorch_builders()
-        plan = planner.plan_experiment(exp, 1 << 40, 1 << 40, builders=builders, device="cpu",
-                                       profiles=("full", "lora", "qlora"), backbone=own)
-        assert plan.measured_now, "the validation must trace, not read a cache"
-        yield exp, own, builders, plan
+        own, builders, plans = _small_internvl(), terratorch_builders(), {}
+        for precision, profiles in CASES.items():
+            exp = _experiment(precision)
+            plans[precision] = exp, planner.plan_experiment(exp, 1 << 40, 1 << 40, builders=builders, device="cpu",
+                                                            profiles=profiles, backbone=own)
+            assert plans[precision][1].measured_now, "the validation must trace, not read a cache"
+        yield own, builders, plans
+
+
+def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """What the streaming loader does on a 16-bit run without DeepSpeed (trainer.fitting.cast_frozen): frozen
+    floating-point parameters in the compute dtype, trainable ones (adapters, neck, decoder, head) fp32."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and not p.requires_grad and p.is_floating_point() and type(p) is torch.nn.Parameter:
+                module._parameters[name] = torch.nn.Parameter(p.data.to(dtype), requires_grad=False)
 
 
 def _real_peak(exp, own, builders, profile_name: str) -> dict[str, int]:
@@ -76,7 +93,11 @@ def _real_peak(exp, own, builders, profile_name: str) -> dict[str, int]:
     torch.manual_seed(0)
     backbone = _model_class(own.family)(copy.deepcopy(own.config), **own.kwargs)
     backbone.finalize()
-    model = apply_profile(builders.around(exp, backbone), planner.profile_for(exp, profile_name), torch.float32, 0)
+    amp = torch.bfloat16 if exp.run.precision == "bf16" else None
+    model = apply_profile(builders.around(exp, backbone), planner.profile_for(exp, profile_name),
+                          amp or torch.float32, 0)
+    if amp is not None:
+        _cast_frozen(model, amp)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as trainer.run.build_optimizer
@@ -91,29 +112,34 @@ def _real_peak(exp, own, builders, profile_name: str) -> dict[str, int]:
         return loss_fn(out.output.float(), batch["y"])
 
     x = inputs()  # step 1 creates the optimizer states; step 2 is the one measured
-    loss(model(*x)).backward()
+    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        out = model(*x)
+    loss(out).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    del x
-    t = trace_step(model, inputs, loss, optimizer=optimizer, grad_clip=exp.run.grad_clip, count_flops=False)
+    del x, out
+    t = trace_step(model, inputs, loss, autocast=amp, optimizer=optimizer, grad_clip=exp.run.grad_clip,
+                   count_flops=False)
     return t.peak
 
 
-@pytest.mark.parametrize("profile", ["full", "lora", "qlora"])
-def test_prediction_within_ten_percent_of_the_real_step(setup, profile):
-    exp, own, builders, plan = setup
+@pytest.mark.parametrize("precision,profile", [(p, name) for p, names in CASES.items() for name in names])
+def test_prediction_within_ten_percent_of_the_real_step(setup, precision, profile):
+    own, builders, plans = setup
+    exp, plan = plans[precision]
     est = plan.estimates[profile]
     real = _real_peak(exp, own, builders, profile)
     predicted = est.gpu["total"]
     error = predicted / real["total"] - 1
-    print(f"\n{profile}: predicted {predicted / 2**20:.2f} MiB {est.gpu} vs real {real['total'] / 2**20:.2f} MiB "
+    print(f"\n{profile} {precision}: predicted {predicted / 2**20:.2f} MiB {est.gpu} vs real {real['total'] / 2**20:.2f} MiB "
           f"{real} ({error:+.1%})")
     assert abs(error) <= TOLERANCE, f"{profile}: planner {predicted} B vs real step {real['total']} B ({error:+.1%})"
 
 
 def test_the_validation_model_is_deeper_than_the_traces(setup):
     """The check above exercises extrapolation only if the real model has more layers than the traces."""
-    _, own, _, plan = setup
+    own, _, plans = setup
+    plan = plans["fp32"][1]
     model = wl.build(own)
     stacks = wl.stacks(own, model)
     assert stacks["vision"] > 4 and stacks["text"] > 4

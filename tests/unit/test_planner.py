@@ -62,9 +62,29 @@ def test_accelerate_full_keeps_fp32_weights_grads_and_two_adam_moments():
 def test_accelerate_qlora_stores_linears_in_nf4_and_trains_adapters_and_head_only():
     c = _counts(lora=5000, trainable=10_000 + 5000)
     s = st.accelerate_states(c, compute_bytes=2, nf4=True)
-    other = c.backbone - c.linear_weights - c.linear_biases
-    assert s.gpu_params == st.nf4_total(c.linear_numels) + 2 * c.linear_biases + 4 * (other + c.head + c.lora)
+    other = c.backbone - c.linear_weights  # norms, embeddings, biases: frozen in the compute dtype
+    assert s.gpu_params == st.nf4_total(c.linear_numels) + 2 * other + 4 * (c.head + c.lora)
     assert (s.gpu_grads, s.gpu_optimizer) == (4 * c.trainable, 8 * c.trainable)
+
+
+def test_accelerate_lora_holds_the_frozen_backbone_in_the_compute_dtype_and_trainables_in_fp32():
+    c = _counts(lora=5000, trainable=10_000 + 5000)
+    assert st.accelerate_states(c, compute_bytes=2, nf4=False).gpu_params == 2 * c.backbone + 4 * (c.head + c.lora)
+    assert st.accelerate_states(c, compute_bytes=4, nf4=False).gpu_params == 4 * c.all  # a CPU run stays fp32
+
+
+def test_optimizer_state_bytes_follow_bitsandbytes_8bit_layout():
+    import bitsandbytes as bnb
+
+    p = nn.Parameter(torch.randn(300, 100))  # 30000 elements: 8-bit states (>= min_8bit_size)
+    opt = bnb.optim.AdamW8bit([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    state = opt.state[p]
+    held = sum(state[k].untyped_storage().nbytes() for k in ("state1", "state2", "absmax1", "absmax2"))
+    assert st.optimizer_state_bytes("adamw_8bit", p.numel()) == held
+    assert st.optimizer_state_bytes("paged_adamw_8bit", p.numel()) == held
+    assert st.optimizer_state_bytes("adamw", 1000) == 8000 and st.optimizer_state_bytes("sgd", 1000) == 4000
 
 
 def _zero(stage, param=None, optimizer=None):
@@ -115,8 +135,23 @@ def test_offload_traffic_per_optimizer_step():
     assert nvme.nvme == 2 * c.all + 12 * c.all and nvme.nvme_read > 0
 
 
-def test_dequantization_buffer_holds_fp32_and_compute_copies():
-    assert st.dequant_buffer(1000, 2) == 6000  # fp32 dequantize_4bit output + its bf16 cast
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"])
+def test_the_planner_counts_the_configured_optimizers_states(optimizer):
+    from trainer.config import build_experiment
+
+    exp = build_experiment({"memory": {"profile": "qlora", "optimizer": optimizer}}, source="t")
+    c = _counts(lora=5000, trainable=15_000)
+    s = planner._states(c, planner.profile_for(exp, "qlora"), None, 2, exp)
+    assert s.gpu_optimizer == st.optimizer_state_bytes(optimizer, 15_000)
+
+
+def test_dequantization_buffer_is_one_copy_in_the_quantization_dtype():
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    w = bnb.nn.Params4bit(torch.randn(64, 96).bfloat16(), requires_grad=False, quant_type="nf4").to("cpu")
+    out = F.dequantize_4bit(w.data, w.quant_state)  # what the 4-bit matmul materialises per call
+    assert out.dtype == torch.bfloat16 and st.dequant_buffer(64 * 96, 2) == out.untyped_storage().nbytes()
     assert st.dequant_buffer(1000, 4) == 4000
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from trainer.backbones import catalog
 from trainer.config import Experiment, build_experiment
+from trainer.memory import load_ram as lr
 from trainer.memory import plan_cache
 from trainer.memory.planner import GiB, SPEED_ORDER, Plan, plan_experiment
 
@@ -20,21 +21,24 @@ GPU = 24 * GiB
 CPUS = (64 * GiB, 128 * GiB)
 HLS = ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]
 GEO_TILE, VLM_TILE = 224, 448
+VLM_NECK_CHANNELS = 256
 
 
 def representative(name: str, mode: str) -> Experiment:
     """Segmentation (2 classes) of 6-band HLS tiles (TerraMind: its 12-band S2L2A modality) with TerraTorch's ViT
     recipe: SelectIndices → ReshapeTokensToImage → LearnedInterpolateToPyramidal → UNetDecoder [256, 128, 64, 32].
     Geospatial encoders: batch 2 of 224×224. VLMs: batch 1 of 448×448 (InternViT's native size; Qwen2-VL and
-    Gemma 3 at the same tile for comparison). Granite: batch 1 of 224×224 (patch 16). LoRA rank 16 (the
+    Gemma 3 at the same tile for comparison), with ProjectChannels(256) after ReshapeTokensToImage (their
+    1024–7168-channel features projected to 256 before the neck's transposed convolutions). Granite: batch 1 of 224×224 (patch 16). LoRA rank 16 (the
     profiles' default), AdamW, bf16, no gradient accumulation."""
     entry = catalog.get(name)
     kwargs: dict = {}
     batch, tile, bands = 2, GEO_TILE, len(HLS)
-    indices, reshape = [0, 1, 2, 3], {"name": "ReshapeTokensToImage"}
+    indices, reshape, project = [0, 1, 2, 3], {"name": "ReshapeTokensToImage"}, []
     if entry.family in catalog.VLM_FAMILIES:
         kwargs = {"mode": mode, "in_channels": bands, "image_size": VLM_TILE}
         batch, tile = 1, VLM_TILE
+        project = [{"name": "ProjectChannels", "out_channels": VLM_NECK_CHANNELS}]
     elif entry.family == "granite_hybrid":
         kwargs, batch = {"in_channels": bands}, 1
     elif entry.family == "satmae":
@@ -49,7 +53,7 @@ def representative(name: str, mode: str) -> Experiment:
     raw = {
         "name": f"fit-{name}-{mode}",
         "model": {"backbone": name, "backbone_kwargs": kwargs, "decoder": "UNetDecoder",
-                  "necks": [{"name": "SelectIndices", "indices": indices}, reshape,
+                  "necks": [{"name": "SelectIndices", "indices": indices}, reshape, *project,
                             {"name": "LearnedInterpolateToPyramidal"}],
                   "decoder_kwargs": {"channels": [256, 128, 64, 32]}},
         "task": {"name": "segmentation", "num_classes": 2},
@@ -98,12 +102,17 @@ def render(plans: list[tuple[str, str, Plan]], seconds: float) -> str:
            "edit by hand. How each number is obtained, and what no GPU has confirmed yet: [planner.md](planner.md).",
            "", "**Experiment** (same for every row): " + " ".join(representative.__doc__.split()), "",
            "**Budget**: 24 GiB GPU (RTX 4090), 64 or 128 GiB CPU RAM; an NVMe drive with room is assumed for "
-           "zero3_nvme. **CPU** = max(loading, offloaded training states); loading = the run builds the model in "
-           "fp32 (4 B/param) and reads the published checkpoint beside it (the whole VLM, also for vision-tower "
-           "mode: 4 B/param through transformers' from_pretrained for Qwen2-VL/Gemma 3/Granite, 2 B/param for "
-           "OpenGVLab's bf16 InternVL shards; geospatial checkpoints 4 B/param). A GPU figure with `>` is a lower "
-           "bound: the model states alone exceed 24 GiB, so the step was not traced. Step-time lower bounds: "
-           "compute at 165.2 TFLOPS bf16, PCIe 4.0 x16 at 25 GB/s, NVMe at 7/6 GB/s read/write.", "",
+           "zero3_nvme. **CPU** = max(loading, offloaded training states). Loading (trainer/memory/load_ram.py) for "
+           "the catalog's own backbones is the streaming loader's peak: the process baseline "
+           f"({lr.PROCESS_BASELINE / GiB:.2f} GiB, measured), one checkpoint shard's pages (published bf16 "
+           f"checkpoints, shards of at most {lr.PUBLISHED_SHARD_BYTES / 1e9:.0f} GB), the tensor being read, and what "
+           "the profile keeps on the CPU: full/lora the model in its final dtypes (frozen bf16, trainable fp32) "
+           "before it moves to the GPU, ZeRO-2 the bf16 model, ZeRO-3 with offload the bf16 partitions and the fp32 "
+           "master + Adam moments of what trains, qlora only the decoder (each linear is quantized on the GPU as "
+           "it arrives). TerraTorch-built backbones load as TerraTorch does: the fp32 model and its fp32 checkpoint "
+           "beside it. Frozen weights are bf16 without DeepSpeed (fp32 only what trains). A GPU figure with `>` is "
+           "a lower bound: the model states alone exceed 24 GiB, so the step was not traced. Step-time lower "
+           "bounds: compute at 165.2 TFLOPS bf16, PCIe 4.0 x16 at 25 GB/s, NVMe at 7/6 GB/s read/write.", "",
            "## Summary: fastest profile that fits", "",
            "| backbone | mode | parameters (backbone + decoder) | 24 GB GPU alone | + 64 GB CPU | + 128 GB CPU |",
            "|---|---|---|---|---|---|"]
@@ -145,8 +154,8 @@ LARGE = 20e9
 def _large(plans: list[tuple[str, str, Plan]]) -> list[str]:
     """The 20B+ rows in words: what fits the GPU, and exactly what stops the rest."""
     out = ["", f"## Backbones of {LARGE / 1e9:.0f}B parameters and more", "",
-           "CPU RAM is what stops them in this experiment: the run builds the model in fp32 on the CPU (4 B/param) "
-           "and reads the checkpoint beside it before anything moves to the GPU (see the budget note above).", ""]
+           "What fits the 24 GB GPU, the CPU RAM each of those needs (its larger part named), and the qlora GPU "
+           "peak term by term.", ""]
     for name, mode, plan in plans:
         if plan.counts["backbone"] < LARGE:
             continue
@@ -154,11 +163,12 @@ def _large(plans: list[tuple[str, str, Plan]]) -> list[str]:
         gpu_fit = [n for n, e in ests.items() if e.gpu["total"] <= GPU]
         line = (f"- **{name} ({mode})**, {plan.counts['backbone'] / 1e9:.1f}B: fits the 24 GB GPU with "
                 + (", ".join(f"{n} ({ests[n].gpu['total'] / GiB:.1f} GiB)" for n in gpu_fit) or "none") + ".")
-        for n in ("qlora", "zero3_offload_lora"):
-            e = ests.get(n)
-            if e is not None and n not in gpu_fit:
-                line += (f" {n} needs {e.gpu['total'] / GiB:.1f} GiB ("
-                         + ", ".join(f"{k} {v / GiB:.1f}" for k, v in e.gpu.items() if k != "total") + ").")
+        q = ests.get("qlora")
+        if q is not None and q.traced:
+            line += (f" qlora GPU {q.gpu['total'] / GiB:.1f} GiB = "
+                     + " + ".join(f"{k} {v / GiB:.2f}" for k, v in q.gpu.items() if k != "total")
+                     + f"; its load peak {q.cpu['load_peak'] / GiB:.1f} GiB = "
+                     + " + ".join(f"{k} {v / GiB:.2f}" for k, v in q.load.items() if k != "total") + ".")
         if gpu_fit:
             line += " CPU RAM they need: " + ", ".join(
                 f"{n} {ests[n].cpu['total'] / GiB:.0f} GiB "

@@ -70,6 +70,8 @@ def text_table(plan: Plan) -> str:
               f"Assumed: RTX 4090 {planner.GPU_FLOPS / 1e12:.1f} TFLOPS dense bf16 (fp32 accumulate), PCIe 4.0 x16 "
               f"{planner.PCIE_BYTES_PER_S / 1e9:.0f} GB/s, CUDA context {planner.CUDA_CONTEXT_BYTES / GiB:.2f} GiB + "
               f"{planner.FRAGMENTATION:.0%} fragmentation; no GPU measurement yet (docs/planner.md)."]
+    if "checkpoint" in plan.method:
+        lines.append(f"checkpoint: {plan.method['checkpoint']}")
     if plan.measured_now:
         lines.append(f"measured now (then cached): {', '.join(plan.measured_now)}; planned in {plan.seconds:.1f} s")
     else:
@@ -92,7 +94,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "counts": plan.counts,
         "profiles": [{
             "profile": e.profile, "precision": e.precision, "refused": e.refused,
-            "gpu_bytes": dict(e.gpu), "cpu_bytes": dict(e.cpu), "nvme_bytes": e.nvme,
+            "gpu_bytes": dict(e.gpu), "cpu_bytes": dict(e.cpu), "cpu_load_bytes": dict(e.load), "nvme_bytes": e.nvme,
             "fits": e.fits, "fits_with_margin": e.fits_with_margin, "why_not": list(e.why_not),
             "traced": e.traced,
             "step_time_s": {"compute": e.compute_s, "pcie": e.transfer_s, "nvme": e.nvme_s,

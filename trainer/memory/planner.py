@@ -14,6 +14,7 @@ from typing import Any
 from trainer.config import Experiment
 from trainer.errors import ConfigError, PlanError
 from trainer.memory import head as head_mod
+from trainer.memory import load_ram as lr
 from trainer.memory import states as st
 from trainer.memory import workload as wl
 from trainer.memory.measure import Measurer
@@ -55,6 +56,7 @@ class Estimate:
     # gpu: params, grads, optimizer, activations, temporaries, allowance, total; cpu: load_peak, training, total
     gpu: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, int] = field(default_factory=dict)
+    load: dict[str, int] = field(default_factory=dict)  # the load peak by part (trainer.memory.load_ram)
     nvme: int = 0
     fits: bool = False
     fits_with_margin: bool = False
@@ -143,33 +145,48 @@ def _counts(c: dict, profile: Profile, zero: st.ZeroSettings | None, exp: Experi
                      persistent=persistent, trainable=trainable)
 
 
-# How trainer.backbones.loading reads each family's published checkpoint: the whole native model through
-# transformers' from_pretrained in fp32 (native layouts), or every shard of a bf16 state dict at once
-# (OpenGVLab's InternVL repositories use the remote-code layout).
-_CHECKPOINT_BYTES_PER_PARAM = {"qwen2_vl": 4, "gemma3": 4, "granite_hybrid": 4, "internvl": 2}
+def checkpoint_of(exp: Experiment, m: Measurer) -> lr.Checkpoint | None:
+    """The checkpoint the run reads: its safetensors headers when the experiment names one present here, else the
+    catalog's numbers; None when nothing is read. TerraTorch-built backbones: None (`_load_peak` models them)."""
+    return m._once("checkpoint", lambda: _checkpoint(exp, m))
 
 
-def checkpoint_bytes(backbone: str, kept: int) -> int:
-    """CPU RAM the checkpoint takes while it is read beside the model (modeled): the whole published model
-    (a VLM's checkpoint holds its LM even when only the vision tower is kept), else the kept backbone in fp32."""
-    try:
-        entry = wl.catalog.get(backbone)
-    except ConfigError:
-        return 4 * kept
-    per_param = _CHECKPOINT_BYTES_PER_PARAM.get(entry.family)
-    return int(per_param * entry.published_params) if per_param else 4 * kept
+def _checkpoint(exp: Experiment, m: Measurer) -> lr.Checkpoint | None:
+    if not m.loads or m.own is None:
+        return None
+    kw = exp.model.backbone_kwargs
+    source = exp.model.pretrained_path or kw.get("pretrained_path") or (m.own.entry.hub_id if kw.get("pretrained")
+                                                                       else None)
+    if source:
+        from trainer.backbones.loading import resolve_path
+
+        try:
+            found = lr.from_safetensors(resolve_path(source))
+        except ConfigError:  # not on this machine (planning elsewhere): the catalog's numbers
+            found = None
+        if found is not None:
+            return found
+    return lr.from_catalog(m.own.family, m.own.entry.published_params)
 
 
-def _load_peak(c: st.Counts, loads: bool, backbone: str) -> int:
-    """CPU RAM while the run builds the model (modeled): trainer.models builds it in fp32 on the CPU, and a
-    checkpoint is read beside it."""
-    return 4 * (c.backbone + c.head) + (checkpoint_bytes(backbone, c.backbone) if loads else 0)
+def _load_peak(c: st.Counts, m: Measurer, ck: lr.Checkpoint | None, profile: Profile, zero: st.ZeroSettings | None,
+               p: int) -> dict[str, int]:
+    """CPU RAM at the load peak, by part (trainer.memory.load_ram)."""
+    if m.own is None:  # TerraTorch's own loading: the fp32 model, and an fp32 checkpoint read whole beside it
+        return lr.whole_peak(c, lr.Checkpoint("fp32 state dict", 0, 4, 4 * c.backbone) if m.loads else None)
+    return lr.streamed_peak(c, ck, lr.LoadCase(profile.quantization != "none", zero, p))
+
+
+def optimizer_kind(exp: Experiment) -> str:
+    # memory.optimizer (adamw | adamw_8bit | paged_adamw_8bit; 8-bit needs optim.name adamw and no DeepSpeed,
+    # trainer.config); optim.name: sgd keeps one momentum buffer
+    return "sgd" if exp.optim.name == "sgd" else exp.memory.optimizer
 
 
 def _states(c: st.Counts, profile: Profile, zero: st.ZeroSettings | None, p: int, exp: Experiment) -> st.States:
     if zero is None:
         return st.accelerate_states(c, p, nf4=profile.quantization == "nf4",
-                                    optimizer_bytes=4 if exp.optim.name == "sgd" else 8)
+                                    optimizer_bytes=st.optimizer_state_bytes(optimizer_kind(exp), c.trainable))
     return st.zero_states(c, p, zero, exp.run.grad_accum)
 
 
@@ -192,8 +209,8 @@ def estimate(exp: Experiment, profile: Profile, budget: Budget, m: Measurer, exh
             est.traced = False
             est.gpu = dict(params=bound.gpu_params, grads=bound.gpu_grads, optimizer=bound.gpu_optimizer,
                            activations=0, temporaries=0, allowance=context, total=low)
-            load = _load_peak(c0, m.loads, exp.model.backbone)
-            est.cpu = dict(load_peak=load, training=bound.cpu, total=max(load, bound.cpu))
+            est.load = _load_peak(c0, m, checkpoint_of(exp, m), profile, zero, p)
+            est.cpu = dict(load_peak=est.load["total"], training=bound.cpu, total=max(est.load["total"], bound.cpu))
             est.why_not.append(f"GPU > {low / GiB:.1f} GiB from model states alone (activations not traced)")
             return est
     try:
@@ -220,9 +237,9 @@ def estimate(exp: Experiment, profile: Profile, budget: Budget, m: Measurer, exh
     tensors = sum(gpu.values())
     gpu["allowance"] = int(context + FRAGMENTATION * tensors) if budget.device == "cuda" else 0
     gpu["total"] = tensors + gpu["allowance"]
-    load = _load_peak(c, m.loads, exp.model.backbone)
+    est.load = _load_peak(c, m, checkpoint_of(exp, m), profile, zero, p)
     est.gpu, est.nvme = gpu, s.nvme
-    est.cpu = dict(load_peak=load, training=s.cpu, total=max(load, s.cpu))
+    est.cpu = dict(load_peak=est.load["total"], training=s.cpu, total=max(est.load["total"], s.cpu))
     est.compute_s = micro * dyn["flops"] / GPU_FLOPS
     if s.h2d_bytes or s.d2h_bytes:
         est.transfer_s = max(s.h2d_bytes, s.d2h_bytes) / PCIE_BYTES_PER_S
@@ -254,6 +271,8 @@ METHOD = {
     "nf4": "exact: bitsandbytes 0.50 NF4 layout (64-element blocks, double-quantized absmax)",
     "activations/temporaries": "measured: one training step traced on fake CPU tensors (MemTracker)",
     "allowance": "modeled: CUDA context 0.75 GiB + 5 % fragmentation (no GPU measured)",
+    "cpu at load": "modeled: streaming loader (one shard, one tensor at a time) + the parts the profile keeps on "
+                   "the CPU; checkpoint sizes from its safetensors headers, else the catalog",
     "step time": "bounds: traced FLOPs at 165.2 TFLOPS bf16; PCIe 4.0 x16 at 25 GB/s",
 }
 
@@ -276,7 +295,10 @@ def plan_experiment(exp: Experiment, gpu_bytes: int, cpu_bytes: int, nvme_path: 
     counts = m.summary()
     vlm = m.own is not None and m.own.family in wl.catalog.VLM_FAMILIES
     mode = exp.model.backbone_kwargs.get("mode", "vision") if vlm else "encoder"
-    return Plan(exp.model.backbone, mode, shape, budget, counts, estimates, METHOD,
+    ck = checkpoint_of(exp, m)
+    method = {**METHOD, "checkpoint": ck.source if ck else ("TerraTorch's own loading" if m.loads and m.own is None
+                                                            else "none read (random initialisation)")}
+    return Plan(exp.model.backbone, mode, shape, budget, counts, estimates, method,
                 time.perf_counter() - t0, m.measured_now)
 
 

@@ -31,10 +31,27 @@ def nf4_total(linear_numels: dict[str, int]) -> int:
 
 
 def dequant_buffer(largest_linear: int, compute_bytes: int) -> int:
-    """The largest weight dequantized for a matmul. Backward runs `dequantize_4bit(...)` in the quantization
-    state's dtype (fp32: trainer.fitting quantizes `weight.float()`) and casts to the compute dtype, so both
-    copies exist for a moment; forward's buffer (compute dtype only) is smaller."""
-    return largest_linear * (4 + (compute_bytes if compute_bytes != 4 else 0))
+    """The largest weight dequantized for a matmul: `dequantize_4bit` returns the quantization state's dtype, which
+    is the compute dtype (trainer.fitting quantizes weights held in it), so one compute-dtype copy per matmul
+    (backward's `.to(grad.dtype)` is then a no-op)."""
+    return largest_linear * compute_bytes
+
+
+# --- optimizer states -----------------------------------------------------------------------------------
+BNB_8BIT_BLOCK = 256  # bitsandbytes 0.50 Optimizer2State.init_state: blockwise 8-bit states, one fp32 absmax each
+
+
+def optimizer_state_bytes(kind: str, trainable: int) -> int:
+    """Bytes of optimizer state for `trainable` parameters (`memory.optimizer`, or `optim.name: sgd`).
+
+    adamw: exp_avg + exp_avg_sq in fp32 (8 B). adamw_8bit / paged_adamw_8bit (bitsandbytes): both moments uint8 plus
+    one fp32 absmax per 256-element block each (2 + 8/256 B); bitsandbytes keeps fp32 states for tensors under
+    `min_8bit_size` (4096 elements), which this count treats as 8-bit. Paged states live in CUDA unified memory and
+    can be evicted to the CPU under pressure: counted on the GPU (the case without pressure). sgd: the momentum
+    buffer (4 B)."""
+    if kind in ("adamw_8bit", "paged_adamw_8bit"):
+        return 2 * trainable + 2 * 4 * math.ceil(trainable / BNB_8BIT_BLOCK)
+    return (4 if kind == "sgd" else 8) * trainable
 
 
 # --- DeepSpeed ------------------------------------------------------------------------------------------
@@ -126,15 +143,16 @@ class States:
     nvme_write: int = 0
 
 
-def accelerate_states(c: Counts, compute_bytes: int, nf4: bool, optimizer_bytes: int = 8) -> States:
-    """No DeepSpeed: Accelerate keeps fp32 weights (autocast computes in bf16); AdamW's exp_avg and exp_avg_sq
-    are fp32 (8 B per trainable parameter). NF4: backbone linears as bitsandbytes stores them, their biases
-    in the compute dtype (trainer.fitting), other backbone parameters fp32."""
-    params = 4 * c.all
+def accelerate_states(c: Counts, compute_bytes: int, nf4: bool, optimizer_bytes: int | None = None) -> States:
+    """No DeepSpeed: trainable parameters fp32 (autocast computes in the compute dtype), their fp32 gradients and
+    the optimizer's states (`optimizer_bytes`, default AdamW's two fp32 moments); frozen parameters in the compute
+    dtype (trainer.fitting.cast_frozen; fp32 on a CPU run). NF4: backbone linears as bitsandbytes stores them."""
+    frozen = c.all - c.trainable
+    params = 4 * c.trainable + compute_bytes * frozen
     if nf4:
-        other = c.backbone - c.linear_weights - c.linear_biases
-        params = nf4_total(c.linear_numels) + compute_bytes * c.linear_biases + 4 * (other + c.head + c.lora)
-    return States(params, 4 * c.trainable, optimizer_bytes * c.trainable, 0, 0)
+        params = nf4_total(c.linear_numels) + compute_bytes * (frozen - c.linear_weights) + 4 * c.trainable
+    opt = optimizer_state_bytes("adamw", c.trainable) if optimizer_bytes is None else optimizer_bytes
+    return States(params, 4 * c.trainable, opt, 0, 0)
 
 
 def zero_states(c: Counts, p: int, zero: ZeroSettings, micro_steps: int) -> States:

@@ -94,9 +94,15 @@ class TraceMode:
     train_backbone: bool      # False: frozen (LoRA, or model.freeze_backbone)
     lora: tuple | None = None  # (rank, alpha, dropout, targets)
     four_bit: bool = False
+    # Frozen parameters held in the compute dtype, trainable ones fp32 (trainer.fitting.cast_frozen: no DeepSpeed,
+    # a 16-bit run). Keyed only when set, so traces without frozen parameters keep their cache keys.
+    frozen_cast: bool = False
 
     def key(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.frozen_cast:
+            del d["frozen_cast"]
+        return d
 
 
 def uses_deepspeed_cast(profile: Profile) -> bool:
@@ -109,10 +115,11 @@ def trace_mode(profile: Profile, precision: str, exp: Experiment, targets: list[
     lora = None
     if profile.lora is not None:
         lora = (profile.lora.rank, profile.lora.alpha, profile.lora.dropout, tuple(targets or ()))
-    return TraceMode(precision=precision, autocast=not uses_deepspeed_cast(profile) and precision != "fp32",
-                     grad_checkpointing=profile.grad_checkpointing,
-                     train_backbone=profile.lora is None and not exp.model.freeze_backbone, lora=lora,
-                     four_bit=profile.quantization == "nf4")
+    autocast = not uses_deepspeed_cast(profile) and precision != "fp32"
+    train_backbone = profile.lora is None and not exp.model.freeze_backbone
+    return TraceMode(precision=precision, autocast=autocast, grad_checkpointing=profile.grad_checkpointing,
+                     train_backbone=train_backbone, lora=lora, four_bit=profile.quantization == "nf4",
+                     frozen_cast=autocast and not train_backbone)
 
 
 # --- the backbone as the run builds it ---------------------------------------------------------------
@@ -279,6 +286,8 @@ def prepare_for_trace(model: nn.Module, mode: TraceMode, backbone: nn.Module | N
         add_trace_lora_(backbone, list(targets), rank, alpha, dropout, four_bit=mode.four_bit)
     if mode.grad_checkpointing:
         enable_grad_checkpointing(backbone)
+    if mode.frozen_cast:  # after LoRA, as trainer.fitting.apply_profile: adapters and head stay fp32
+        set_dtype_(model, dtype, only=lambda m, name: name in m._parameters and not m._parameters[name].requires_grad)
     return model.train()
 
 
