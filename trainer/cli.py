@@ -43,6 +43,16 @@ def _bench(args: argparse.Namespace) -> int:
         doc = plan_bench.run(out, backbones=args.backbones, cold=not args.warm_only)
         print(plan_bench.summary(doc) + f"\nwritten to {out}")
         return 0
+    if args.what == "load":
+        from trainer import bench_load
+
+        if args.config or args.overrides:
+            raise ConfigError(["bench load runs launch/configs/internvl2_26b_forest.yaml on synthetic InternVL2-40B "
+                               "checkpoints: it takes no --config or overrides (choose --depths/--profiles/--layout)"])
+        out = Path(args.out) if args.out.endswith(".json") else out
+        doc = bench_load.run(args.depths, args.profiles, args.layout, out, Path(args.scratch), keep=args.keep)
+        print(bench_load.markdown(doc) + f"written to {out} and {out.with_suffix('.md')}")
+        return 0 if all(r["exit_code"] == 0 for r in doc["runs"]) else 1
     from trainer import bench
 
     exp = load_experiment(args.config or DEMO_CONFIG, args.overrides)
@@ -85,9 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "and data, interleaved in one process; writes the ratio (target <= 1.05x). optimizer: the "
                        "CPU optimizer step of offloaded parameters, DeepSpeedCPUAdam vs torch AdamW foreach/fused. "
                        "planner: wall time and peak RSS of `launch/plan.py` for every catalog backbone and shipped "
-                       "config, each in a fresh process, warm (shipped trace cache) and cold (nothing cached).",
+                       "config, each in a fresh process, warm (shipped trace cache) and cold (nothing cached). load: peak RSS and "
+                       "seconds of loading synthetic real-width InternVL2-40B checkpoints of a few depths through "
+                       "`launch/train.py` (one step), per profile.",
                        epilog=EPILOG_OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("what", choices=["overhead", "optimizer", "planner"], help="which benchmark")
+    b.add_argument("what", choices=["overhead", "optimizer", "planner", "load"], help="which benchmark")
     _add_config(b, required=False)
     b.add_argument("--steps", type=int, default=30, help="training steps per timed round (default 30)")
     b.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are compared (default 5)")
@@ -96,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backbones", nargs="+", metavar="NAME", help="planner: only these catalog backbones "
                    "(their fit-table rows and the shipped configs that use them; default: all)")
     b.add_argument("--warm-only", action="store_true", help="planner: skip the cold (nothing cached) runs")
-    b.add_argument("--out", default="bench_results", help="results folder (default bench_results/)")
+    b.add_argument("--depths", type=int, nargs="+", default=[1, 2], help="load: vision = LLM layers (default 1 2)")
+    b.add_argument("--profiles", nargs="+", default=["qlora", "zero3_offload_lora"], help="load: memory profiles")
+    b.add_argument("--layout", choices=["native", "remote"], default="native", help="load: checkpoint layout")
+    b.add_argument("--scratch", default="bench_scratch", help="load: where checkpoints and jobs go (deleted)")
+    b.add_argument("--keep", action="store_true", help="load: keep the written checkpoints")
+    b.add_argument("--out", default="bench_results", help="results folder, or a .json file (default bench_results/)")
     b.set_defaults(func=_bench)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)
