@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -80,18 +81,14 @@ def cat_seconds(ckpt: Path) -> dict:
 
 
 class PeakSampler:
-    """Peak RSS of a process and its descendants, sampled every `period` s in a thread; also the peak until
-    `marker` (a file) first exists."""
+    """RSS of a process and its descendants, sampled every `period` s in a thread: (time.time(), bytes)."""
 
-    def __init__(self, pid: int, marker: Path | None = None, period: float = 0.05):
+    def __init__(self, pid: int, period: float = 0.05):
         import psutil
 
-        self.proc, self.marker, self.period = psutil.Process(pid), marker, period
-        self.peak = self.peak_before_marker = 0
-        self.marker_s: float | None = None
-        self.samples: list[tuple[float, int]] = []  # (time.time(), RSS)
+        self.proc, self.period = psutil.Process(pid), period
+        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
-        self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -112,67 +109,83 @@ class PeakSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = self._rss()
-            self.samples.append((time.time(), rss))
-            self.peak = max(self.peak, rss)
-            if self.marker_s is None:
-                self.peak_before_marker = self.peak
-                if self.marker is not None and self.marker.exists():
-                    self.marker_s = time.perf_counter() - self._t0
+            self.samples.append((time.time(), self._rss()))
             self._stop.wait(self.period)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
+    def peak(self, start: float = 0.0, stop: float = float("inf")) -> int | None:
+        inside = [rss for t, rss in self.samples if start <= t <= stop]
+        return max(inside) if inside else None
+
     def rss_at(self, when: float) -> int | None:
-        """The last sample taken at or before `when` (time.time())."""
+        """The last sample taken at or before `when`."""
         before = [rss for t, rss in self.samples if t <= when]
         return before[-1] if before else None
 
 
-def pre_load_rss(sampler: PeakSampler, load_json: Path) -> int | None:
-    """RSS right before the load started: load.json is written when the model is built, and says how many
-    seconds building, reading, placing and quantizing took; the sample that long before its mtime."""
-    if not load_json.exists():
-        return None
-    seconds = json.loads(load_json.read_text()).get("seconds") or {}
-    return sampler.rss_at(load_json.stat().st_mtime - sum(seconds.values()) - 0.1)
+_LOADED = re.compile(r"^(\d\d):(\d\d):(\d\d) \S+ \S+: loaded \d+ tensors from ")
+
+
+def load_window(log_text: str, load: dict, started: float) -> tuple[float, float] | None:
+    """(start, end) of the checkpoint load in time.time(): the loader logs `loaded N tensors from ...` when
+    done (HH:MM:SS, local time, floored: at most 1 s early) and load.json has the seconds it took."""
+    for line in log_text.splitlines():
+        m = _LOADED.match(line)
+        if m:
+            day = time.localtime(started)
+            end = time.mktime((day.tm_year, day.tm_mon, day.tm_mday, int(m[1]), int(m[2]), int(m[3]), 0, 0, -1))
+            if end < started - 1:  # the run crossed midnight
+                end += 86400
+            return end - sum((load.get("seconds") or {}).values()), end + 1.0
+    return None
 
 
 def run_once(args: list[str], job: Path, timeout: float, log_path: Path) -> dict:
+    """One training run with its RSS trace. peak_run: the whole run; peak_setup: until load.json (written after
+    the model is built and prepared); peak_load and pre_load: inside / right before the load window."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(CONFIG), *args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
-        sampler = PeakSampler(proc.pid, job / "load.json")
+        sampler = PeakSampler(proc.pid)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
         sampler.stop()
-    out = {"exit_code": rc, "wall_s": time.perf_counter() - t0, "peak_run_bytes": sampler.peak,
-           "peak_load_bytes": sampler.peak_before_marker if sampler.marker_s is not None else None,
-           "load_json_at_s": sampler.marker_s, "pre_load_bytes": pre_load_rss(sampler, job / "load.json"),
-           "log": str(log_path)}
-    if (job / "load.json").exists():
-        out["load"] = json.loads((job / "load.json").read_text())
+    text = log_path.read_text(errors="replace")
+    out = {"exit_code": rc, "wall_s": time.perf_counter() - t0, "peak_run_bytes": sampler.peak(),
+           "peak_setup_bytes": None, "peak_load_bytes": None, "pre_load_bytes": None, "log": str(log_path)}
+    load_json = job / "load.json"
+    if load_json.exists():
+        out["load"] = json.loads(load_json.read_text())
+        out["peak_setup_bytes"] = sampler.peak(stop=load_json.stat().st_mtime)
+        window = load_window(text, out["load"], started)
+        if window:
+            out["pre_load_bytes"] = sampler.rss_at(window[0] - 0.1)
+            out["peak_load_bytes"] = sampler.peak(*window)
+            out["load_window_s"] = [window[0] - started, window[1] - started]
     if rc != 0:
-        lines = log_path.read_text(errors="replace").splitlines()
+        lines = text.splitlines()
         out["error"] = next((l.strip() for l in reversed(lines) if "Error" in l or "error:" in l), lines[-1:])
     return out
 
 
 def _summarize(run: dict, base: int | None, params: int) -> None:
-    peak = run["peak_load_bytes"] or run["peak_run_bytes"]
+    """B/param: the load (peak in the load window above the RSS right before it) and the whole run (peak above
+    the tiny-run baseline); the old loader writes no load.json, so only the latter exists for it."""
     if base is not None and run["exit_code"] == 0:
-        run["b_per_param_load"] = (peak - base) / params
         run["b_per_param_run"] = (run["peak_run_bytes"] - base) / params
+        if run["peak_setup_bytes"]:
+            run["b_per_param_setup"] = (run["peak_setup_bytes"] - base) / params
     if run["exit_code"] == 0 and run.get("pre_load_bytes") and run["peak_load_bytes"]:
         run["b_per_param_above_pre_load"] = (run["peak_load_bytes"] - run["pre_load_bytes"]) / params
     secs = (run.get("load") or {}).get("seconds")
@@ -213,11 +226,13 @@ def run(depths: list[int], profiles: list[str], layout: str, out: Path, scratch:
             drop_page_cache()
             r = run_once(overrides(job, data, p, d, ckpt), job, timeout, logs / f"d{d}_{p}.log")
             base = doc["baseline"][p]
-            r.update(depth=d, profile=p, params=info["params_used"])
+            shard = max(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+            r.update(depth=d, profile=p, params=info["params_used"], shard_b_per_param=shard / info["params_used"])
             _summarize(r, base["peak_run_bytes"] if base["exit_code"] == 0 else None, info["params_used"])
             doc["runs"].append(r)
-            print(f"  {p}: exit {r['exit_code']}, peak load {_gb(r['peak_load_bytes'])}, run "
-                  f"{_gb(r['peak_run_bytes'])}, {r.get('b_per_param_load', float('nan')):.2f} B/param "
+            print(f"  {p}: exit {r['exit_code']} in {r['wall_s']:.0f} s, pre-load {_gb(r['pre_load_bytes'])}, "
+                  f"peak load {_gb(r['peak_load_bytes'])}, peak run {_gb(r['peak_run_bytes'])}: "
+                  f"{_f(r.get('b_per_param_above_pre_load'))} B/param load, {_f(r.get('b_per_param_run'))} run "
                   f"{r.get('error', '')}", flush=True)
             shutil.rmtree(job, ignore_errors=True)
         if not keep:
@@ -231,53 +246,60 @@ def run(depths: list[int], profiles: list[str], layout: str, out: Path, scratch:
 
 
 def slopes(doc: dict) -> dict:
-    """Bytes per parameter between the shallowest and deepest successful depth, per profile."""
+    """Bytes per parameter between the shallowest and deepest successful depth, per profile: no baseline needed."""
     res = {}
     for p in doc["profiles"]:
         ok = sorted((r for r in doc["runs"] if r["profile"] == p and r["exit_code"] == 0), key=lambda r: r["depth"])
         if len(ok) >= 2:
             a, b = ok[0], ok[-1]
             dp = b["params"] - a["params"]
-            res[p] = {"load": ((b["peak_load_bytes"] or b["peak_run_bytes"]) -
-                               (a["peak_load_bytes"] or a["peak_run_bytes"])) / dp,
-                      "run": (b["peak_run_bytes"] - a["peak_run_bytes"]) / dp, "depths": [a["depth"], b["depth"]]}
+            res[p] = {"depths": [a["depth"], b["depth"]], "run": (b["peak_run_bytes"] - a["peak_run_bytes"]) / dp}
+            if a["peak_load_bytes"] and b["peak_load_bytes"]:
+                res[p]["load"] = (b["peak_load_bytes"] - a["peak_load_bytes"]) / dp
     return res
 
 
 def _gb(n) -> str:
-    return "-" if n is None else f"{n / GB:.2f} GB"
+    return "-" if n is None else f"{n / GB:.2f}"
 
 
 def _f(x, fmt=".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def verdict(r: dict) -> str:
+    if r["exit_code"] != 0:
+        return f"FAILED: {str(r.get('error', ''))[:90]}"
+    target, bpp = TARGETS.get(r["profile"]), r.get("b_per_param_run")
+    if target is None or bpp is None:
+        return "ok"
+    return f"{'meets' if bpp <= target + r['shard_b_per_param'] else 'misses'} <= {target} (+1 shard) B/param"
+
+
 def markdown(doc: dict) -> str:
-    rows = ["| profile | depth | params (B) | baseline | peak load | peak run | B/param load (run) | above pre-load "
-            "| slope B/param | build / read / place / quantize s | build+read s/B | cat s | result |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| profile | depth | params (B) | baseline GB | pre-load GB | peak load GB | peak run GB "
+            "| B/param load | B/param run | slope B/param | build / read / place / quantize s | build+read s/B "
+            "| cat s | wall s | result |", "|" + "---|" * 15]
     for r in doc["runs"]:
         p, d = r["profile"], r["depth"]
         secs = (r.get("load") or {}).get("seconds") or {}
         split = " / ".join(_f(secs.get(k), ".1f") for k in ("build", "read", "place", "quantize"))
         slope = doc["slopes"].get(p, {})
-        target = TARGETS.get(p)
-        bpp = r.get("b_per_param_load")
-        if r["exit_code"] != 0:
-            verdict = f"FAILED: {str(r.get('error', ''))[:80]}"
-        elif bpp is None:
-            verdict = "no baseline"
-        else:
-            verdict = ("meets" if target is None or bpp <= target else "misses") + f" <= {target} B/param"
-        ck = doc["checkpoints"][d]
+        slope_txt = (f"{slope['run']:.2f} run" + (f", {slope['load']:.2f} load" if "load" in slope else "")
+                     if slope and d == slope["depths"][1] else "")
         rows.append(f"| {p} | {d} | {r['params'] / GB:.3f} | {_gb(doc['baseline'][p]['peak_run_bytes'])} | "
-                    f"{_gb(r['peak_load_bytes'])} | {_gb(r['peak_run_bytes'])} | {_f(bpp)} "
-                    f"({_f(r.get('b_per_param_run'))}) | {_f(r.get('b_per_param_above_pre_load'))} | {_f(slope.get('load')) if d == slope.get('depths', [0, 0])[1] else ''} "
-                    f"| {split} | {_f(r.get('build_read_s_per_b'), '.1f')} | {ck['cat_s']:.1f} | {verdict} |")
-    notes = [f"InternVL2-40B widths (InternViT-6B 3200, Yi-34B 7168), vision = LLM layers = depth, bf16 "
-             f"safetensors shards, {doc['layout']} layout, reduced vocab {doc['vocab']} (LM head and text "
-             "embeddings are written and skipped; not counted in params). Baseline: the same command with "
-             "`model.backbone_kwargs.tiny=true`; pre-load: RSS of the same run just before the load started "
-             "(load.json mtime minus its seconds). Peak load: until load.json appears. cat: page cache dropped "
-             f"first: {all(c['cache_dropped'] for c in doc['checkpoints'].values())}. {doc['machine']}."]
+                    f"{_gb(r['pre_load_bytes'])} | {_gb(r['peak_load_bytes'])} | {_gb(r['peak_run_bytes'])} | "
+                    f"{_f(r.get('b_per_param_above_pre_load'))} | {_f(r.get('b_per_param_run'))} | {slope_txt} | "
+                    f"{split} | {_f(r.get('build_read_s_per_b'), '.1f')} | {doc['checkpoints'][d]['cat_s']:.1f} | "
+                    f"{r['wall_s']:.0f} | {verdict(r)} |")
+    dropped = all(c["cache_dropped"] for c in doc["checkpoints"].values())
+    notes = [f"InternVL2-40B widths (InternViT-6B 3200, Yi-34B 7168, projector 12800→7168), vision layers = LLM "
+             f"layers = depth, bf16 safetensors shards, {doc['layout']} layout, vocab reduced to {doc['vocab']} (LM "
+             "head and text embeddings are written, skipped by the loader, not counted in params). One training "
+             "step through launch/train.py, batch 1, 56 px, bf16, IdentityDecoder. baseline: peak RSS of the same "
+             "command with `model.backbone_kwargs.tiny=true`; pre-load / peak load: RSS right before / peak inside "
+             "the load window (the loader's `loaded N tensors` log line minus load.json's seconds); B/param load = "
+             "(peak load - pre-load) / params, B/param run = (peak run - baseline) / params, the target's measure; "
+             f"slope: between the two depths. cat: the same files to /dev/null, page cache dropped first: "
+             f"{dropped}. {doc['machine']}."]
     return "\n".join(rows + [""] + notes) + "\n"

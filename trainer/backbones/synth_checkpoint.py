@@ -218,10 +218,12 @@ def write_checkpoint(out: Path, vision_layers: int, llm_layers: int, layout: str
     else:
         (out / "config.json").write_text(json.dumps(remote_config_json(config), indent=1))
     params = sum(s.numel for s in specs)
-    unused = sum(s.numel for s in specs if re.search(r"lm_head\.|embed_tokens\.", s.name))
+    unused_specs = [s for s in specs if re.search(r"lm_head\.|embed_tokens\.", s.name)]
+    unused = sum(s.numel for s in unused_specs)
     info = {"backbone": backbone, "layout": layout, "vision_layers": vision_layers, "llm_layers": llm_layers,
             "vocab": config.text_config.vocab_size, "width_divisor": width_divisor, "seed": seed,
-            "params": params, "params_used": params - unused, "bytes": total, "files": names}
+            "params": params, "params_used": params - unused,
+            "tensors": len(specs), "tensors_used": len(specs) - len(unused_specs), "bytes": total, "files": names}
     (out / "synthetic.json").write_text(json.dumps(info, indent=1))
     return info
 
