@@ -52,12 +52,13 @@ def quantize_linears(encoder: nn.Module, kind: str, compute_dtype: torch.dtype,
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
                                   quant_storage=quant_storage, device="meta")
-            q.weight = bnb.nn.Params4bit(lin.weight.data.float(), requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4", quant_storage=quant_storage)
+            # quantized from the compute dtype (no fp32 copy of the layer on a bf16 run)
+            q.weight = bnb.nn.Params4bit(lin.weight.data.to(compute_dtype), requires_grad=False,
+                                         compress_statistics=True, quant_type="nf4", quant_storage=quant_storage)
         elif kind == "int8":
             q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                     has_fp16_weights=False, threshold=6.0, device="meta")
-            q.weight = bnb.nn.Int8Params(lin.weight.data.float(), requires_grad=False, has_fp16_weights=False)
+            q.weight = bnb.nn.Int8Params(lin.weight.data, requires_grad=False, has_fp16_weights=False)
         else:
             raise ConfigError([f"memory.quantization: unknown kind {kind!r}; use none, nf4 or int8"])
         if lin.bias is not None:
@@ -141,17 +142,35 @@ def enable_grad_checkpointing(encoder: nn.Module) -> str:
     return f"{len(blocks)} blocks wrapped"
 
 
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Frozen floating-point weights to the compute dtype (bf16 on a GPU); what trains stays fp32 for the
+    optimizer. (Under DeepSpeed the engine casts the module itself.) Returns the parameters cast."""
+    count = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype and type(p) is nn.Parameter:
+                module._parameters[name] = nn.Parameter(p.data.to(dtype), requires_grad=False)
+                count += p.numel()
+    return count
+
+
 def apply_profile(model: nn.Module, profile: Profile, compute_dtype: torch.dtype, zero_stage: int) -> nn.Module:
     if profile.quantization != "none":
         # ZeRO-3 flattens parameters by dtype: 4-bit storage must then share the compute dtype (peft docs).
         storage = compute_dtype if zero_stage == 3 else torch.uint8
+        # layers a streamed checkpoint filled are quantized already (on arrival); this takes the rest
         n = quantize_linears(model.encoder, profile.quantization, compute_dtype, storage)
-        log.info("quantized %d backbone linear layers to %s", n, profile.quantization)
+        if n:
+            log.info("quantized %d backbone linear layers to %s", n, profile.quantization)
     if profile.lora is not None:
         add_lora(model, profile)
     if profile.grad_checkpointing:
         how = enable_grad_checkpointing(model.encoder)
         log.info("gradient checkpointing on the backbone (%s)", how)
+    if zero_stage == 0 and compute_dtype != torch.float32:
+        n = cast_frozen(model, compute_dtype)
+        if n:
+            log.info("frozen weights held in %s: %.2fM parameters", str(compute_dtype).removeprefix("torch."), n / 1e6)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("profile %s: %.2fM of %.2fM parameters trainable", profile.name, trainable / 1e6, total / 1e6)

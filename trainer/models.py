@@ -48,9 +48,13 @@ def factory_kwargs(exp: Experiment, ours: set[str]) -> dict[str, Any]:
     return kwargs
 
 
-def build_model(exp: Experiment) -> nn.Module:
+def build_model(exp: Experiment, spec=None) -> nn.Module:
+    """`spec` (trainer.backbones.stream.LoadSpec): how a `pretrained_path` checkpoint is placed (dtype, device,
+    quantization on arrival, ZeRO-3 partitions); None loads in fp32 on the CPU."""
     from terratorch.models import EncoderDecoderFactory
     from terratorch.registry import BACKBONE_REGISTRY
+
+    from trainer.backbones.stream import LoadSpec, loading_spec
 
     ours = _register_ours()
     if exp.model.backbone not in BACKBONE_REGISTRY:
@@ -64,8 +68,9 @@ def build_model(exp: Experiment) -> nn.Module:
         from trainer.temporal import temporal_backbone
 
         backbone, kwargs, necks = temporal_backbone(exp, kwargs, necks)
-    model = EncoderDecoderFactory().build_model(
-        task=_FACTORY_TASK[exp.task.name], backbone=backbone, decoder=exp.model.decoder, necks=necks, **kwargs)
+    with loading_spec(spec or LoadSpec()):
+        model = EncoderDecoderFactory().build_model(
+            task=_FACTORY_TASK[exp.task.name], backbone=backbone, decoder=exp.model.decoder, necks=necks, **kwargs)
     if exp.model.freeze_backbone:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
@@ -74,6 +79,15 @@ def build_model(exp: Experiment) -> nn.Module:
     log.info("model %s + %s: %.2fM parameters, %.2fM trainable", exp.model.backbone, exp.model.decoder,
              n_all / 1e6, n_train / 1e6)
     return model
+
+
+def load_report(model: nn.Module):
+    """The backbone's checkpoint LoadReport, when one was loaded (ours: trainer.backbones.loading.LoadReport)."""
+    encoder = getattr(model, "encoder", None)
+    for m in ([] if encoder is None else encoder.modules()):
+        if getattr(m, "load_report", None) is not None:
+            return m.load_report
+    return None
 
 
 def model_output(out: Any) -> torch.Tensor:

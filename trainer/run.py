@@ -48,6 +48,19 @@ def _ds_config(exp: Experiment, profile: Profile, precision: str, world_size: in
     return ds.render(raw, facts, source=str(path))
 
 
+def load_spec(exp: Experiment, profile: Profile, precision: str, zero_stage: int, has_cuda: bool):
+    """How the backbone checkpoint is placed for this run (trainer.backbones.stream.LoadSpec)."""
+    from trainer.backbones.stream import LoadSpec
+
+    compute = COMPUTE_DTYPE[precision]
+    quantized = profile.quantization != "none"
+    zero3 = zero_stage == 3 and not quantized  # transformers never zero.Inits a quantized model either
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return LoadSpec(frozen=profile.lora is not None or exp.model.freeze_backbone, compute_dtype=compute,
+                    quantization=profile.quantization, quant_storage=compute if zero_stage == 3 else torch.uint8,
+                    device=f"cuda:{local}" if has_cuda and not zero3 else "cpu", zero3=zero3)
+
+
 def make_accelerator(exp: Experiment, ds_config: dict | None, precision: str):
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
@@ -228,7 +241,8 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
              accelerator.num_processes, total, per_epoch)
 
     set_seed(exp.run.seed)
-    model = apply_profile(build_model(exp), profile, COMPUTE_DTYPE[precision], stage)
+    spec = load_spec(exp, profile, precision, stage, has_cuda)
+    model = apply_profile(build_model(exp, spec), profile, COMPUTE_DTYPE[precision], stage)
     if ds_config is not None and precision == "bf16":
         model = model.to(torch.bfloat16)  # DeepSpeed does not cast fp32 buffers (Prithvi pos_embed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -282,6 +296,7 @@ def main(exp: Experiment) -> int:
             from trainer.memory.auto import write_plan
 
             write_plan(job_dir, job.auto_choice)
+        write_load_report(job_dir, accelerator.unwrap_model(job.model))
     metrics_log = MetricsLog(job_dir / "metrics.jsonl", accelerator.is_main_process)
     progress = Progress(world_size=accelerator.num_processes)
     if resume_from is not None:
@@ -321,6 +336,17 @@ def main(exp: Experiment) -> int:
             log.info("exported weights to %s (%s)", out, ", ".join(sorted(p.name for p in out.iterdir())))
     _shutdown(accelerator)
     return 0
+
+
+def write_load_report(job_dir: Path, model) -> None:
+    """`<job>/load.json`: what the backbone checkpoint load read and how long each phase took."""
+    import json
+
+    from trainer.models import load_report
+
+    report = load_report(model)
+    if report is not None:
+        (job_dir / "load.json").write_text(json.dumps(report.as_json(), indent=1) + "\n")
 
 
 def _shutdown(accelerator) -> None:

@@ -289,26 +289,48 @@ def build_parts(config, family: str, mode: str, keep_text_embeddings: bool = Fal
     `keep_text_embeddings` (used only while loading, so checkpoint keys can be matched and reported).
     encoder (text LLM): the decoder stack without the embedding table. No LM head in any mode.
     """
+    from trainer.backbones.stream import hf_build_context
+
+    # While a checkpoint is streamed in, the parts are built without weights (or ZeRO-3-partitioned).
+    with hf_build_context():
+        return _parts(config, family, mode, keep_text_embeddings)
+
+
+def _parts(config, family: str, mode: str, keep_text_embeddings: bool) -> nn.ModuleDict:
     from transformers import AutoModel
 
+    kw: dict = {}
     parts = nn.ModuleDict()
     if family == "granite_hybrid":
-        parts["language_model"] = AutoModel.from_config(config)
+        parts["language_model"] = AutoModel.from_config(config, **kw)
     else:
         if family == "qwen2_vl":
             from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-            parts["visual"] = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
+            parts["visual"] = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config, **kw)
             if mode == VISION:
                 parts["visual"].merger = None  # the merger is Qwen2-VL's projector
         else:
-            parts["vision_tower"] = AutoModel.from_config(config.vision_config)
+            parts["vision_tower"] = AutoModel.from_config(config.vision_config, **kw)
             if mode == FULL:
                 parts["multi_modal_projector"] = _projector(config, family)
         if mode == FULL:
-            parts["language_model"] = AutoModel.from_config(config.text_config)
+            parts["language_model"] = AutoModel.from_config(_text_config(config.text_config, keep_text_embeddings),
+                                                            **kw)
     if "language_model" in parts and not keep_text_embeddings:
         parts["language_model"].embed_tokens = None
     return parts
+
+
+def _text_config(text, keep_text_embeddings: bool):
+    """The LM's config, with a one-row token table when the table is dropped anyway: it is never allocated
+    (under ZeRO-3 it would be, and partitioned, before being dropped: 0.5B parameters at 40B size)."""
+    if keep_text_embeddings:
+        return text
+    import copy
+
+    small = copy.copy(text)
+    small.vocab_size, small.pad_token_id = 1, None
+    return small
 
 
 def _projector(config, family: str) -> nn.Module:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import time
 from pathlib import Path
 
-from trainer.backbones import catalog, loading
+from trainer.backbones import catalog, loading, stream
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -123,32 +124,58 @@ def _build(name, tiny, size, pretrained, pretrained_path, layout, trust_remote_c
     source = pretrained_path or (entry.hub_id if pretrained else None)
     root = loading.resolve_path(source) if source else None
     config = _config(entry, root, tiny, trust_remote_code)
-    model = cls(config, **kwargs)
-    if root is not None:
-        model.load_report = _load(model, entry, root, config, layout, allow_pickle)
+    if root is None:
+        model = cls(config, **kwargs)
+        model.finalize()
+        return model
+    spec = stream.current_spec()
+    t0 = time.perf_counter()
+    with stream.skeleton(spec):  # Hugging Face parts without weights (or partitioned under ZeRO-3)
+        model = cls(config, **kwargs)
+    model.truncate()  # layers no feature reads are dropped before loading: never read
+    built = time.perf_counter() - t0
+    model.load_report = _load(model, entry, root, config, layout, allow_pickle, spec)
+    model.load_report.stats.seconds["build"] = built
     model.finalize()
     return model
 
 
-def _load(model, entry: catalog.Entry, root: Path, config, layout: str, allow_pickle: bool):
+# families whose native checkpoints need transformers' own conversions (Granite's legacy MoE layout)
+_CONVERTED_NATIVE = ("granite_hybrid",)
+
+
+def _load(model, entry: catalog.Entry, root: Path, config, layout: str, allow_pickle: bool, spec):
     from trainer.backbones import geo
 
-    unexpected: list[str] = []
+    files = loading.weight_files(root, allow_pickle)
+    pickled = any(f.suffix in loading.PICKLE_SUFFIXES for f in files)
     if entry.family in _NATIVE_TYPES:
         if layout == "auto":
             layout = loading.detect_layout(loading.checkpoint_keys(root, allow_pickle))
-        if layout == "native" and loading.read_config_json(root) is not None:
-            mapped, unexpected, mismatched = loading.load_native(entry.hf_classes[1], root, config, entry.family)
-            if mismatched:
-                raise ConfigError([f"model.backbone_kwargs.pretrained_path: shape mismatch {m}" for m in mismatched])
-        else:
-            mapped = loading.map_vlm_keys(loading.read_state_dict(root, allow_pickle), entry.family, layout, config)
         skip = list(loading.KNOWN_UNUSED)
         if getattr(model, "mode", None) == catalog.VISION:  # the vision tower alone was built
             skip += [r"^language_model\.", r"^multi_modal_projector\.", r"^visual\.merger\."]
+        if layout not in ("native", "internvl_remote", "earthmind"):
+            loading.map_vlm_keys({}, entry.family, layout, config)  # raises the unknown-layout error
+        mapper = lambda sd: loading.map_vlm_keys(sd, entry.family, layout, config)  # noqa: E731
     else:
-        mapped = geo.map_geo_keys(loading.read_state_dict(root, allow_pickle), entry.family)
         skip = list(geo.GEO_UNUSED)
+        mapper = lambda sd: geo.map_geo_keys(sd, entry.family)  # noqa: E731
     new_modules = ("input_adapter.", "patch_embed.", "pos_embed")  # ours, never in an upstream checkpoint
-    return loading.apply_state_dict(model, mapped, str(root), skip, unexpected=unexpected,
-                                    ignore_missing=lambda k: k.startswith(new_modules))
+    ignore = lambda k: k.startswith(new_modules)  # noqa: E731
+    converted = (entry.family in _CONVERTED_NATIVE and layout == "native"
+                 and loading.read_config_json(root) is not None)
+    if converted or pickled:
+        # These cannot be streamed: transformers' conversions need the native model; pickles load whole.
+        if converted:
+            mapped, unexpected, mismatched = loading.load_native(entry.hf_classes[1], root, config, entry.family,
+                                                                 dtype=spec.weight_dtype)
+            if mismatched:
+                raise ConfigError([f"model.backbone_kwargs.pretrained_path: shape mismatch {m}" for m in mismatched])
+        else:
+            mapped, unexpected = mapper(loading.read_state_dict(root, allow_pickle)), []
+        report = stream.place_mapped(model, mapped, str(root), skip, ignore, spec, unexpected=unexpected)
+    else:
+        report = stream.stream_into(model, files, mapper, str(root), skip, ignore, spec)
+    (log.warning if report.missing or report.unexpected else log.info)(report.summary())
+    return report

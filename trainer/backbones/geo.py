@@ -81,8 +81,11 @@ class ClayBackbone(_OwnBlocks):
         self.out_indices = resolve_out_indices(out_indices, dims["depth"])
         self.out_channels = [dims["dim"]] * len(self.out_indices)
 
-    def finalize(self) -> None:
+    def truncate(self) -> None:  # idempotent
         del self.encoder.transformer.layers[max(self.out_indices) + 1:]
+
+    def finalize(self) -> None:
+        self.truncate()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         from terratorch.models.backbones.clay_v1.utils import posemb_sincos_2d_with_gsd
@@ -126,8 +129,11 @@ class SatMAEBackbone(_OwnBlocks):
         self.out_indices = resolve_out_indices(out_indices, dims["depth"])
         self.out_channels = [dims["embed_dim"]] * len(self.out_indices)
 
-    def finalize(self) -> None:
+    def truncate(self) -> None:  # idempotent
         del self.vit.blocks[max(self.out_indices) + 1:]
+
+    def finalize(self) -> None:
+        self.truncate()
         if self.input_adapter.mode == "expand":
             self.vit.patch_embed.proj = expand_conv_input(self.vit.patch_embed.proj, self.input_adapter.in_channels,
                                                           self.rgb_indices)

@@ -41,9 +41,12 @@ class LLMTokenEncoder(_HFStackBackbone):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.out_channels = [d] * len(self.out_indices)
 
-    def finalize(self) -> None:
+    def truncate(self) -> None:  # idempotent: slicing past the end drops nothing
         self._truncate(self.language_model.layers, max(self.out_indices) + 1, self.config, "language model")
         self.config.layer_types = self.config.layer_types[: self.config.num_hidden_layers]
+
+    def finalize(self) -> None:
+        self.truncate()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.shape[1] != self.in_channels:

@@ -16,7 +16,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,6 +61,8 @@ def weight_files(path: Path, allow_pickle: bool) -> list[Path]:
 
 
 def read_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The whole checkpoint in memory: only for pickle files (and transformers' conversions), which cannot be
+    streamed; safetensors go through `trainer.backbones.stream`."""
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
@@ -168,7 +170,8 @@ def checkpoint_keys(path: Path, allow_pickle: bool = False) -> list[str]:
     return keys
 
 
-def load_native(class_name: str, root: Path, config, family: str) -> tuple[Mapped, list[str], list[str]]:
+def load_native(class_name: str, root: Path, config, family: str,
+                dtype: torch.dtype = torch.float32) -> tuple[Mapped, list[str], list[str]]:
     """A native-format directory through the native class's `from_pretrained`, so transformers' own
     checkpoint conversions apply (e.g. Granite's legacy `input_linear` → fused `experts.gate_up_proj`).
     Costs one transient copy of the whole model in memory; returns our-named tensors and the
@@ -176,7 +179,7 @@ def load_native(class_name: str, root: Path, config, family: str) -> tuple[Mappe
     import transformers
 
     native, info = getattr(transformers, class_name).from_pretrained(
-        str(root if root.is_dir() else root.parent), config=config, dtype=torch.float32, output_loading_info=True)
+        str(root if root.is_dir() else root.parent), config=config, dtype=dtype, output_loading_info=True)
     mapped = _native_vlm(native.state_dict(), family)
     provided = set(mapped) - set(_native_vlm(dict.fromkeys(info["missing_keys"]), family))
     unexpected = list(_native_vlm(dict.fromkeys(info["unexpected_keys"]), family))
@@ -217,6 +220,16 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)     # model tensors the checkpoint did not provide
     unexpected: list[str] = field(default_factory=list)  # checkpoint tensors nothing maps to
     skipped: list[str] = field(default_factory=list)     # known-unused or dropped by the mode
+    stats: Any = None  # trainer.backbones.stream.StreamStats: seconds per phase, bytes and tensors read
+
+    def as_json(self) -> dict:
+        """What `<job>/load.json` records (counts, not key lists)."""
+        st = self.stats
+        return {"source": self.source, "loaded": len(self.loaded), "missing": len(self.missing),
+                "unexpected": len(self.unexpected), "skipped": len(self.skipped),
+                "seconds": {k: round(v, 3) for k, v in (st.seconds if st else {}).items()},
+                "bytes_read": st.bytes_read if st else 0, "tensors": st.tensors if st else 0,
+                "params": st.params if st else 0}
 
     def summary(self) -> str:
         def head(keys: list[str]) -> str:
@@ -228,34 +241,3 @@ class LoadReport:
         if self.unexpected:
             lines.append(f"unexpected {len(self.unexpected)} (ignored): {head(self.unexpected)}")
         return "; ".join(lines)
-
-
-def apply_state_dict(module: nn.Module, mapped: Mapped, source: str,
-                     skip: Iterable[str] = KNOWN_UNUSED, ignore_missing: Callable[[str], bool] = lambda k: False,
-                     unexpected: Iterable[str] = ()) -> LoadReport:
-    """Copy every matching tensor into `module`, report the rest; no match at all is an error."""
-    own = module.state_dict()
-    report = LoadReport(source, unexpected=list(unexpected))
-    skip_re = [re.compile(p) for p in skip]
-    to_load, mismatched = {}, []
-    for k, v in mapped.items():
-        if k in own:
-            if own[k].shape != v.shape:
-                mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
-            else:
-                to_load[k] = v
-        elif any(r.search(k) for r in skip_re):
-            report.skipped.append(k)
-        else:
-            report.unexpected.append(k)
-    if mismatched:
-        raise ConfigError([f"model.backbone_kwargs.pretrained_path: shape mismatch {m}" for m in mismatched[:10]],
-                          source=source)
-    report.loaded = sorted(to_load)
-    report.missing = sorted(k for k in own if k not in to_load and not ignore_missing(k))
-    if not to_load:
-        raise ConfigError(f"model.backbone_kwargs.pretrained_path: no tensor in {source} matches the model "
-                          f"(first checkpoint keys: {list(mapped)[:5]}); check checkpoint_layout", source=source)
-    module.load_state_dict(to_load, strict=False)
-    (log.warning if report.missing or report.unexpected else log.info)(report.summary())
-    return report

@@ -118,8 +118,12 @@ class VLMBackbone(_HFStackBackbone):
     def _feature_layers(self) -> nn.ModuleList:
         return self.language_model.layers if self.mode == catalog.FULL else self._vision_layers()
 
-    def finalize(self) -> None:
-        """After loading: drop layers no feature reads, expand the patch embedding if asked, log savings."""
+    def truncate(self) -> None:
+        """Drop the layers no feature reads and log the savings. Before loading, so they are never read;
+        idempotent."""
+        if getattr(self, "_truncated", False):
+            return
+        self._truncated = True
         keep = max(self.out_indices) + 1
         if self.mode == catalog.FULL:
             text = self.config.text_config
@@ -130,6 +134,10 @@ class VLMBackbone(_HFStackBackbone):
                      saved, saved / 1e6)
         else:
             self._truncate(self._vision_layers(), keep, None, "vision tower")
+
+    def finalize(self) -> None:
+        """Once, after loading: truncate (if not done yet) and expand the patch embedding if asked."""
+        self.truncate()
         if self.input_adapter.mode == "expand":
             owner, attr = self._patch_conv()
             setattr(owner, attr, expand_conv_input(getattr(owner, attr), self.input_adapter.in_channels,
