@@ -230,6 +230,7 @@ def run(depths: list[int], profiles: list[str], layout: str, out: Path, scratch:
             r.update(depth=d, profile=p, params=info["params_used"], shard_b_per_param=shard / info["params_used"])
             _summarize(r, base["peak_run_bytes"] if base["exit_code"] == 0 else None, info["params_used"])
             doc["runs"].append(r)
+            _write(doc, out)  # after every run: a long bench that is stopped keeps what it measured
             print(f"  {p}: exit {r['exit_code']} in {r['wall_s']:.0f} s, pre-load {_gb(r['pre_load_bytes'])}, "
                   f"peak load {_gb(r['peak_load_bytes'])}, peak run {_gb(r['peak_run_bytes'])}: "
                   f"{_f(r.get('b_per_param_above_pre_load'))} B/param load, {_f(r.get('b_per_param_run'))} run "
@@ -237,12 +238,15 @@ def run(depths: list[int], profiles: list[str], layout: str, out: Path, scratch:
             shutil.rmtree(job, ignore_errors=True)
         if not keep:
             shutil.rmtree(ckpt, ignore_errors=True)
+    _write(doc, out)
+    return doc
+
+
+def _write(doc: dict, out: Path) -> None:
     doc["slopes"] = slopes(doc)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=str))
-    md = markdown(doc)
-    out.with_suffix(".md").write_text(md)
-    return doc
+    out.with_suffix(".md").write_text(markdown(doc))
 
 
 def slopes(doc: dict) -> dict:
