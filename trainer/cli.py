@@ -60,6 +60,16 @@ def _bench(args: argparse.Namespace) -> int:
         from trainer import bench_chaos
 
         return bench_chaos.main(args.config, args.overrides, args.kills, args.seed, args.processes, out, args.budget)
+    if args.what == "load":
+        from trainer import bench_load
+
+        if args.config or args.overrides:
+            raise ConfigError(["bench load runs launch/configs/internvl2_26b_forest.yaml on synthetic InternVL2-40B "
+                               "checkpoints: it takes no --config or overrides (choose --depths/--profiles/--layout)"])
+        out = Path(args.out) if args.out.endswith(".json") else out
+        doc = bench_load.run(args.depths, args.profiles, args.layout, out, Path(args.scratch), keep=args.keep)
+        print(bench_load.markdown(doc) + f"written to {out} and {out.with_suffix('.md')}")
+        return 0 if all(r["exit_code"] == 0 for r in doc["runs"]) else 1
     from trainer import bench
 
     exp = load_experiment(args.config or DEMO_CONFIG, args.overrides)
@@ -105,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "config, each in a fresh process, warm (shipped trace cache) and cold (nothing cached). "
                        "chaos: kill -9 a small job N times (some during checkpoint saves and the export), re-run it "
                        "until it finishes, compare its export bitwise to a straight run's (exit 1 if not equal); "
-                       "overrides go right after the benchmark name.",
+                       "overrides go right after the benchmark name. load: peak RSS and seconds of loading synthetic real-width "
+                       "InternVL2-40B checkpoints of a few depths through `launch/train.py` (one step), per profile.",
                        epilog=EPILOG_OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("what", choices=["overhead", "optimizer", "planner", "chaos"], help="which benchmark")
+    b.add_argument("what", choices=["overhead", "optimizer", "planner", "chaos", "load"], help="which benchmark")
     _add_config(b, required=False)
     b.add_argument("--steps", type=int, default=30, help="training steps per timed round (default 30)")
     b.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are compared (default 5)")
@@ -121,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--processes", type=int, default=1, help="chaos: processes of the job (default 1)")
     b.add_argument("--budget", type=float, default=2400, help="chaos: seconds after which no more kills are "
                    "sent and the job is left to finish (default 2400)")
-    b.add_argument("--out", default="bench_results", help="results folder (default bench_results/)")
+    b.add_argument("--depths", type=int, nargs="+", default=[1, 2], help="load: vision = LLM layers (default 1 2)")
+    b.add_argument("--profiles", nargs="+", default=["qlora", "zero3_offload_lora"], help="load: memory profiles")
+    b.add_argument("--layout", choices=["native", "remote"], default="native", help="load: checkpoint layout")
+    b.add_argument("--scratch", default="bench_scratch", help="load: where checkpoints and jobs go (deleted)")
+    b.add_argument("--keep", action="store_true", help="load: keep the written checkpoints")
+    b.add_argument("--out", default="bench_results", help="results folder, or a .json file (default bench_results/)")
     b.set_defaults(func=_bench)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)
