@@ -209,7 +209,7 @@ def test_insar_targets_outside_the_unit_interval_are_refused(tmp_path):
         dst.write(coherence * 255)  # NaN (masked) pixels stay NaN and stay allowed
     exp = Experiment.model_validate({"task": {"name": "regression", "loss": "mse"},
                                      "data": {"kind": "geotiff", "root": str(root)}})
-    train, _ = build_datasets(exp)
+    # found before step 1, when the datasets are built (trainer.data.checks), not when the tile is first read
     with pytest.raises(DataError, match=r"labels/tile_0000.tif has values .* outside \[0, 1\]"):
-        train[0]
+        build_datasets(exp)
     assert not np.isnan(train[1]["mask"]).all()  # an in-range tile still reads
