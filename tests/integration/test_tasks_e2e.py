@@ -212,4 +212,7 @@ def test_insar_targets_outside_the_unit_interval_are_refused(tmp_path):
     # found before step 1, when the datasets are built (trainer.data.checks), not when the tile is first read
     with pytest.raises(DataError, match=r"labels/tile_0000.tif has values .* outside \[0, 1\]"):
         build_datasets(exp)
-    assert not np.isnan(train[1]["mask"]).all()  # an in-range tile still reads
+    label.unlink()  # without the bad tile the in-range one trains as before
+    (root / "train" / "images" / "tile_0000.tif").unlink()
+    train, _ = build_datasets(exp)
+    assert len(train) == 1 and not np.isnan(train[0]["mask"]).all()
