@@ -1,6 +1,7 @@
 """Run the real entry points (`python launch/train.py`, `accelerate launch`) in subprocesses."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -64,3 +65,19 @@ def load_export(job: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(job / "export" / "model.safetensors"))
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size: str):
+    """A real filesystem of `size` (tmpfs) mounted at `where`, so that ENOSPC comes from the kernel. Needs root
+    (CI runs as root); elsewhere the test is skipped, saying why."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)

@@ -3,23 +3,16 @@ The run stops with one clear message and exit 3; the last complete checkpoint is
 (The same situation hit *during* a write, with ENOSPC from the kernel, is tests/unit/test_reliability.py.)"""
 from __future__ import annotations
 
-import os
-import subprocess
 
 import pytest
 
-from tests.integration.helpers import TINY, run_train
+from tests.integration.helpers import TINY, run_train, small_filesystem
 from trainer.checkpoint import list_complete
 
 
 @pytest.mark.slow
 def test_full_disk_stops_with_a_clear_message(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(mnt)], check=True)
-    try:
+    with small_filesystem(tmp_path / "small", "80m") as mnt:
         job = mnt / "job"
         r = run_train([*TINY, "run.max_steps=4", "run.eval_every=100", "memory.profile=full",
                        f"data.root={tmp_path / 'data'}", f"checkpoint.dir={job}"])
@@ -28,5 +21,3 @@ def test_full_disk_stops_with_a_clear_message(tmp_path):
         assert "Traceback" not in r.stderr
         assert [p.name for p in (job / "checkpoints").iterdir()] == ["step-000002"]
         assert [p.name for p in list_complete(job)] == ["step-000002"]
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)

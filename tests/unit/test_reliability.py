@@ -115,15 +115,10 @@ class _FakeAccelerator:
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 24 MB filesystem (tmpfs), so that ENOSPC comes from the kernel."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=True)
-    try:
+    from tests.integration.helpers import small_filesystem
+
+    with small_filesystem(tmp_path / "mnt", "24m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_full_disk_during_a_save_leaves_the_last_checkpoint_and_no_partial(small_disk, monkeypatch):
