@@ -156,8 +156,17 @@ def _child_pids() -> list[int]:
 
 
 def first_failure_code(failures: dict) -> tuple[int, str]:
-    """Exit code of the rank that failed first (the root cause; the others were stopped because of it)."""
-    rank, failure = min(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+    """Exit code of the rank that failed first (the root cause; the others were stopped because of it).
+
+    Elastic stamps failures in whole seconds, so the failing rank and the ranks it then SIGTERMs often tie. A
+    rank that died of SIGTERM was stopped by elastic (a user's SIGTERM is forwarded and ends in a checkpoint and
+    exit 0), so it is the root cause only when nothing else failed.
+    """
+    def order(kv):
+        rank, failure = kv
+        return (failure.exitcode == -signal.SIGTERM, failure.timestamp, rank)
+
+    rank, failure = min(failures.items(), key=order)
     code = shell_code(failure.exitcode)
     note = ""
     if failure.exitcode < 0:

@@ -153,6 +153,9 @@ def test_hook_acts_only_inside_accelerate_launch():
 def test_launcher_reports_the_first_failing_rank():
     f = lambda code, t: SimpleNamespace(exitcode=code, timestamp=t, pid=100 + t)  # noqa: E731
     assert launch_hook.first_failure_code({0: f(-15, 5), 1: f(2, 3)}) == (2, "")
+    # same second (elastic's stamps are whole seconds): the rank elastic SIGTERMed is not the cause
+    assert launch_hook.first_failure_code({0: f(-15, 3), 1: f(2, 3)}) == (2, "")
+    assert launch_hook.first_failure_code({0: f(-15, 3), 1: f(-15, 3)})[0] == 143
     code, note = launch_hook.first_failure_code({0: f(1, 9), 1: f(-9, 4)})
     assert code == 137 and "rank 1 (pid 104) was killed by SIGKILL" in note
 
