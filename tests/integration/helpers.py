@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.integration import warm as _warm
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -45,10 +47,16 @@ def env() -> dict[str, str]:
     return e
 
 
-def run_train(overrides: list[str], nproc: int = 1, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run(train_cmd(overrides, nproc, **kw), cwd=ROOT, env=env(), capture_output=True, text=True,
-                       timeout=timeout)
-    return r
+def run_train(overrides: list[str], nproc: int = 1, timeout: int = 600, warm: bool = True,
+              **kw) -> subprocess.CompletedProcess:
+    """`train_cmd(...)` run to completion. One process runs as a warm child (`tests/integration/warm.py`: forked
+    from a process that has already imported torch/DeepSpeed/TerraTorch, saving ~15-40 s per launch); `warm=False`
+    or TERRASCALE_TEST_WARM=0 runs the real `python launch/train.py`. Several processes always go through the real
+    `accelerate launch`."""
+    cmd, e = train_cmd(overrides, nproc, **kw), env()
+    if warm and nproc == 1 and (r := _warm.run(cmd, ROOT, e, timeout)) is not None:
+        return r
+    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
 def check(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

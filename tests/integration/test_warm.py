@@ -1,0 +1,66 @@
+"""The warm children of `helpers.run_train` (tests/integration/warm.py) behave like `python launch/X.py`: same
+argv, cwd, environment, exit code, output and tracebacks, fresh RNGs and signal dispositions; and a training run
+gives the same metrics and bitwise the same export on both paths."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.integration import warm
+from tests.integration.helpers import ROOT, TINY, check, env, load_export, metrics, run_train
+
+PROBE = ROOT / "tests/integration/scripts/warm_probe.py"
+RANDOM = ("torch_seed", "torch_rand", "random", "numpy")
+
+
+def _both(args: list[str], cwd, e):
+    cmd = [sys.executable, str(PROBE), *args]
+    w = warm.run(cmd, cwd, e, timeout=300)
+    assert w is not None, "no warm zygote: every launch would pay its imports again"
+    r = subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=300)
+    return w, r
+
+
+def test_warm_child_sees_what_a_fresh_process_sees(tmp_path):
+    e = {**env(), "WARM_PROBE": "from the caller"}
+    (w, r), (w2, _) = _both(["7", "two words"], tmp_path, e), _both(["3"], tmp_path, e)
+    assert (w.returncode, r.returncode, w2.returncode) == (7, 7, 3)
+    assert w.stderr == r.stderr == "to stderr\n"
+    seen_w, seen_r, seen_w2 = (json.loads(p.stdout) for p in (w, r, w2))
+    assert {k: v for k, v in seen_w.items() if k not in RANDOM} == {k: v for k, v in seen_r.items() if k not in RANDOM}
+    assert seen_w["argv"] == [str(PROBE), "7", "two words"] and seen_w["cwd"] == str(tmp_path)
+    assert seen_w["env"] == "from the caller" and seen_w["main"] == "__main__" and seen_w["sigint"]
+    # fresh RNGs: two children of one zygote do not replay one stream
+    assert all(seen_w[k] != seen_w2[k] for k in RANDOM)
+
+
+def test_warm_child_reports_an_uncaught_exception_like_the_interpreter(tmp_path):
+    w, r = _both(["raise"], tmp_path, env())
+    assert w.returncode == r.returncode == 1
+    assert w.stderr == r.stderr and "RuntimeError: probe failed on purpose" in w.stderr and "warm.py" not in w.stderr
+
+
+def test_warm_child_is_killed_at_the_timeout(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        warm.run([sys.executable, str(PROBE), "sleep"], tmp_path, env(), timeout=3)
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.slow
+def test_warm_and_real_training_runs_are_equal(tmp_path):
+    args = [*TINY, f"data.root={tmp_path / 'data'}", "memory.profile=full", "run.max_steps=4"]
+    w = check(run_train([*args, f"checkpoint.dir={tmp_path / 'warm'}"]))
+    r = check(run_train([*args, f"checkpoint.dir={tmp_path / 'real'}"], warm=False))
+    assert "profile full" in w.stderr and "profile full" in r.stderr
+    # peak RSS is the one field that differs: a forked child shares the zygote's imported pages
+    strip = lambda recs: [{k: v for k, v in m.items() if k not in ("time", "elapsed", "samples_per_s", "peak_rss_mb")}  # noqa: E731,E501
+                          for m in recs]
+    assert strip(metrics(tmp_path / "warm")) == strip(metrics(tmp_path / "real"))
+    a, b = load_export(tmp_path / "warm"), load_export(tmp_path / "real")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

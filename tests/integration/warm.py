@@ -1,0 +1,331 @@
+"""Warm children for the integration tests: `python launch/X.py ...` forked from a process that has already
+imported torch, DeepSpeed, Accelerate, TerraTorch and trainer (a "zygote"), instead of paying 15-40 s of imports
+per launch on the 2-core CI machine.
+
+What a warm child is, and why it behaves like `python launch/X.py`:
+- the zygote is started with the same environment the tests give their launches (`helpers.env()`), so anything
+  read from the environment at import time (OMP_NUM_THREADS, DS_ACCELERATOR, TORCH_EXTENSIONS_DIR) is the same;
+  a launch whose environment differs in anything else than PYTEST_CURRENT_TEST gets its own zygote;
+- the zygote imports modules only and runs no training code; it checks that it is single-threaded before it
+  forks (no OpenMP pool, no tqdm monitor, no gloo thread can be half-copied);
+- the child gets the caller's argv, environment (os.environ replaced), cwd, stdin/stdout/stderr (the file
+  descriptors themselves, passed over a unix socket), default signal dispositions, its own process group, and
+  fresh RNGs (Python's `random` reseeded from the OS, numpy's global state reseeded, torch's default generator
+  back to the seed a new process starts with); it runs the script with `runpy` as `__main__` and exits with its
+  exit code, a traceback and exit 1 for an uncaught exception, like the interpreter;
+- the caller gets a `subprocess.CompletedProcess` with the same returncode convention (-N for a signal).
+What differs: warnings printed while *importing* the preloaded modules are printed once by the zygote, not by
+each child; module-level state of the preloaded modules is the state right after import (the same as a fresh
+process). Tests that signal the launcher or need `accelerate launch` keep using real processes (`train_cmd`);
+`tests/integration/test_warm.py` checks warm == real on a probe script and on a training run.
+
+Set TERRASCALE_TEST_WARM=0 to run every launch as a real process.
+"""
+from __future__ import annotations
+
+import array
+import atexit
+import hashlib
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PRELOAD = ("torch", "numpy", "deepspeed", "accelerate", "terratorch", "transformers", "peft", "safetensors.torch",
+           "rasterio", "torchmetrics", "trainer.cli", "trainer.checkpoint", "trainer.runtime", "trainer.validate",
+           "trainer.run", "trainer.loop", "trainer.models", "trainer.export", "trainer.predict")
+VOLATILE = ("PYTEST_CURRENT_TEST",)  # changes per test; read by nothing at import time
+READY = b"ready\n"
+
+
+def enabled() -> bool:
+    return os.environ.get("TERRASCALE_TEST_WARM", "1") != "0"
+
+
+# --------------------------------------------------------------------------------------------------- server
+# pyarrow (imported by TerraTorch through `datasets`) links jemalloc, which starts a background purging thread;
+# jemalloc takes its locks in a pthread_atfork handler and restarts the thread in the child, so it is fork-safe.
+FORK_SAFE_THREADS = {"jemalloc_bg_thd"}
+
+
+def _threads() -> list[str]:
+    """Names of this process's threads other than the main one and the known fork-safe ones."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != os.getpid():
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            if name not in FORK_SAFE_THREADS:
+                names.append(name)
+    return names
+
+
+def _fresh_state() -> None:
+    """What a new interpreter starts with: default signal dispositions, fresh RNGs."""
+    import random
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD,
+                signal.SIGPIPE, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # CPython ignores SIGPIPE at start-up
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    random.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        sys.modules["torch"].random.default_generator.seed()  # a new process's generator starts from a random seed
+
+
+def _print_uncaught(e: BaseException, script: str) -> None:
+    """The traceback the interpreter prints: from the script's frame on (not this module's and runpy's)."""
+    import traceback
+
+    tb = e.__traceback__
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != os.path.abspath(script):
+        tb = tb.tb_next
+    traceback.print_exception(type(e), e, tb or e.__traceback__)
+
+
+def _child(req: dict, fds: list[int]) -> None:
+    """In the forked worker: become `python <argv...>` and never return."""
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        _fresh_state()
+        import runpy
+
+        script = req["argv"][1]
+        sys.argv = req["argv"][1:]
+        sys.path[0] = os.path.dirname(os.path.abspath(script))
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            if e.code is None:
+                code = 0
+            elif isinstance(e.code, int):
+                code = e.code
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except KeyboardInterrupt as e:  # the interpreter prints the traceback, then dies of SIGINT (returncode -2)
+            _print_uncaught(e, script)
+            code = -signal.SIGINT
+        except BaseException as e:  # noqa: BLE001 -- the interpreter's own top level: print and exit 1
+            _print_uncaught(e, script)
+            code = 1
+        # Like interpreter shutdown: atexit handlers, then flush.
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 -- a closed pipe must not change the exit code
+                pass
+        if code == -signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        os._exit(code & 0xFF)
+
+
+def _monitor(conn: socket.socket, req: dict, fds: list[int]) -> None:
+    """Forked per request: fork the worker, tell the caller its pid, wait, send its exit status."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        _child(req, fds)
+    for fd in fds:
+        os.close(fd)
+    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    sel = selectors.DefaultSelector()
+    sel.register(conn, selectors.EVENT_READ)
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if sel.select(timeout=0.1) and not conn.recv(1):  # the caller went away: take the worker's group down
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    try:
+        conn.sendall(json.dumps({"returncode": rc}).encode() + b"\n")
+    except OSError:
+        pass
+    os._exit(0)
+
+
+def serve(path: str) -> None:
+    # Imports write their warnings here, once, to the zygote's stderr (the caller's log file).
+    t0 = time.time()
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except ImportError as e:
+            print(f"[warm] could not preload {name}: {e}", file=sys.stderr)
+    if _threads():
+        print(f"[warm] refusing to fork: threads {_threads()} running after imports", file=sys.stderr)
+        sys.exit(3)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(16)
+    srv.settimeout(0.5)
+    print(f"[warm] ready in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    sys.stdout.buffer.write(READY)
+    sys.stdout.flush()
+    while True:
+        try:  # reap finished monitors
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        if os.getppid() == 1:  # the test session died
+            return
+        try:
+            conn, _ = srv.accept()
+        except TimeoutError:
+            continue
+        conn.settimeout(None)
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        buf = msg
+        while not buf.endswith(b"\n"):
+            more = conn.recv(1 << 20)
+            if not more:
+                break
+            buf += more
+        req = json.loads(buf)
+        if os.fork() == 0:
+            srv.close()
+            _monitor(conn, req, fds)
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------- client
+class _Zygote:
+    def __init__(self, env: dict[str, str]):
+        self.dir = tempfile.mkdtemp(prefix="terrascale-warm-")
+        self.sock = os.path.join(self.dir, "s")
+        self.log = open(os.path.join(self.dir, "zygote.log"), "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.integration.warm", self.sock], cwd=ROOT,
+                                     env=env, stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL)
+        self._ready = False
+
+    def wait_ready(self, timeout: float = 600) -> bool:
+        if self._ready:
+            return True
+        line = self.proc.stdout.readline()  # blocks until imported (or dead)
+        self._ready = line == READY
+        if not self._ready:
+            self.log.flush()
+            print(f"[warm] zygote failed; see {self.log.name}", file=sys.stderr)
+        return self._ready
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_zygotes: dict[str, _Zygote] = {}
+
+
+def _key(env: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps({k: v for k, v in sorted(env.items()) if k not in VOLATILE}).encode()).hexdigest()
+
+
+def zygote(env: dict[str, str]) -> _Zygote | None:
+    z = _zygotes.get(k := _key(env))
+    if z is None:
+        z = _zygotes[k] = _Zygote(env)
+    return z if z.wait_ready() else None
+
+
+@atexit.register
+def _close_all() -> None:
+    for z in _zygotes.values():
+        z.close()
+
+
+def prestart(env: dict[str, str]) -> None:
+    """Start importing in the background now (e.g. at session start); the first launch then waits less."""
+    if enabled() and _key(env) not in _zygotes:
+        _zygotes[_key(env)] = _Zygote(env)
+
+
+def run(argv: list[str], cwd: str | Path, env: dict[str, str], timeout: float | None = None,
+        ) -> subprocess.CompletedProcess | None:
+    """`subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)`, forked from a
+    warm zygote. None if no zygote can serve it (the caller then runs the real process)."""
+    if not enabled() or argv[0] != sys.executable or len(argv) < 2 or argv[1].startswith("-"):
+        return None
+    z = zygote(env)
+    if z is None:
+        return None
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(z.sock)
+    req = json.dumps({"argv": [str(a) for a in argv], "cwd": str(cwd), "env": env}).encode() + b"\n"
+    socket.send_fds(conn, [req], [devnull, out_w, err_w])
+    for fd in (devnull, out_w, err_w):
+        os.close(fd)
+    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+
+    def drain(fd: int) -> None:
+        with os.fdopen(fd, "rb") as f:
+            while data := f.read1(1 << 16):
+                chunks[fd].append(data)
+
+    readers = [threading.Thread(target=drain, args=(fd,), daemon=True) for fd in (out_r, err_r)]
+    for t in readers:
+        t.start()
+    f = conn.makefile("rb")
+    pid = json.loads(f.readline())["pid"]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    conn.settimeout(timeout)
+    try:
+        line = f.readline()
+    except (TimeoutError, socket.timeout):
+        line = b""
+    if not line:  # timed out (or the monitor died): kill like subprocess.run does, then report
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        conn.close()
+        for t in readers:
+            t.join(10)
+        raise subprocess.TimeoutExpired(argv, timeout, output=b"".join(chunks[out_r]).decode(errors="replace"),
+                                        stderr=b"".join(chunks[err_r]).decode(errors="replace"))
+    rc = json.loads(line)["returncode"]
+    for t in readers:  # grandchildren that kept the pipes open keep them open in a real run too
+        t.join(None if deadline is None else max(1.0, deadline - time.monotonic()))
+    conn.close()
+    def decode(fd: int) -> str:  # what subprocess's text mode gives: universal newlines
+        return b"".join(chunks[fd]).decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+
+    return subprocess.CompletedProcess(argv, rc, decode(out_r), decode(err_r))
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
