@@ -59,6 +59,16 @@ def run_train(overrides: list[str], nproc: int = 1, timeout: int = 600, warm: bo
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
+def run_python(args: list[str], cwd: str | Path = ROOT, timeout: float = 600, env_: dict | None = None,
+               ) -> subprocess.CompletedProcess:
+    """`subprocess.run([sys.executable, *args], capture_output=True, text=True)` (a script or `-m module`), as a
+    warm child when a zygote for this environment can serve it (see run_train)."""
+    cmd, e = [sys.executable, *map(str, args)], env() if env_ is None else env_
+    if (r := _warm.run(cmd, cwd, e, timeout)) is not None:
+        return r
+    return subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
 def check(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert r.returncode == 0, f"exit {r.returncode}\nSTDOUT:\n{r.stdout[-4000:]}\nSTDERR:\n{r.stderr[-8000:]}"
     return r

@@ -3,22 +3,19 @@ that profile when resumed under another budget, and refuses (exit 2, nothing wri
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.integration.helpers import ROOT, TINY, check, env, metrics, run_train
+from tests.integration.helpers import ROOT, TINY, check, metrics, run_python, run_train
 
 GiB = 1 << 30
 SHAPE = ["model.backbone_kwargs.img_size=32", "data.synthetic.tile_size=32", "data.batch_size=4"]
 
 
 def plan_json(budget: int) -> dict:
-    r = subprocess.run([sys.executable, str(ROOT / "launch/plan.py"), "--config", str(ROOT / "launch/configs/demo.yaml"),
-                        "--json", "--gpu-memory", str(budget), *SHAPE], cwd=ROOT, env=env(), capture_output=True,
-                       text=True, timeout=600)
+    r = run_python([ROOT / "launch/plan.py", "--config", ROOT / "launch/configs/demo.yaml", "--json", "--gpu-memory",
+                    budget, *SHAPE])
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout)
 

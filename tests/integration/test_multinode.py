@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.integration.helpers import BIN, ROOT, TINY, check, env, free_port, load_export, metrics, run_train
+from tests.integration.helpers import BIN, ROOT, TINY, check, env, free_port, load_export, metrics, run_python, run_train
 
 ACCEL_CPU_2PROC = ROOT / "launch/configs/accelerate/cpu_2proc.yaml"
 
@@ -68,8 +67,7 @@ def test_two_nodes_zero3_then_universal_resume_on_one(tmp_path):
     assert '"world_size": 2' in (step3 / "progress.json").read_text()
 
     # convert with the CLI
-    r = subprocess.run([sys.executable, "-m", "trainer", "universal", str(step3)], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=300)
+    r = run_python(["-m", "trainer", "universal", step3], timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (step3 / "universal" / "COMPLETE").is_file() and (step3 / "universal" / "latest_universal").is_file()
 

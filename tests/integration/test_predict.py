@@ -9,8 +9,6 @@ DataError naming the file (exit 2 from the CLI) and leaves nothing behind.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ import torch
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from tests.integration.helpers import ROOT, env
+from tests.integration.helpers import ROOT, run_python
 from trainer.config import dump_experiment, load_experiment
 from trainer.data.stats import BandStats, write_stats
 from trainer.errors import DataError
@@ -220,9 +218,8 @@ def test_cli_exits_2_on_bad_input(tmp_path, exports, capsys):
     assert "--overlap" in capsys.readouterr().err
     # The launcher itself: same parser and exit code, no model is built before the input is checked.
     five = write_scene(tmp_path / "five.tif", 5, 0)
-    r = subprocess.run([sys.executable, str(ROOT / "launch/predict.py"), "--job", str(job), "--input", str(five),
-                        "--out", str(tmp_path / "p.tif")], cwd=ROOT, env=env(), capture_output=True, text=True,
-                       timeout=300)
+    r = run_python([ROOT / "launch/predict.py", "--job", job, "--input", five, "--out", tmp_path / "p.tif"],
+                   timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "wrong band count" in r.stderr and str(five) in r.stderr
     assert not (tmp_path / "p.tif").exists()

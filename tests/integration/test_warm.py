@@ -39,6 +39,16 @@ def test_warm_child_sees_what_a_fresh_process_sees(tmp_path):
     assert all(seen_w[k] != seen_w2[k] for k in RANDOM)
 
 
+def test_warm_child_runs_a_module_like_python_m():
+    cmd = [sys.executable, "-m", "tests.integration.scripts.warm_probe", "4"]
+    w = warm.run(cmd, ROOT, env(), timeout=300)
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert w is not None and w.returncode == r.returncode == 4 and w.stderr == r.stderr
+    seen_w, seen_r = json.loads(w.stdout), json.loads(r.stdout)
+    assert {k: v for k, v in seen_w.items() if k not in RANDOM} == {k: v for k, v in seen_r.items() if k not in RANDOM}
+    assert seen_w["argv"] == [str(PROBE), "4"] and seen_w["path0"] == str(ROOT)
+
+
 def test_warm_child_reports_an_uncaught_exception_like_the_interpreter(tmp_path):
     w, r = _both(["raise"], tmp_path, env())
     assert w.returncode == r.returncode == 1

@@ -83,12 +83,14 @@ def _fresh_state() -> None:
         sys.modules["torch"].random.default_generator.seed()  # a new process's generator starts from a random seed
 
 
-def _print_uncaught(e: BaseException, script: str) -> None:
+def _print_uncaught(e: BaseException, script: str | None) -> None:
     """The traceback the interpreter prints: from the script's frame on (not this module's and runpy's)."""
     import traceback
 
     tb = e.__traceback__
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != os.path.abspath(script):
+    if script is None:  # -m: from runpy's frames on, as the interpreter shows them
+        tb = tb.tb_next
+    while script and tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != os.path.abspath(script):
         tb = tb.tb_next
     traceback.print_exception(type(e), e, tb or e.__traceback__)
 
@@ -109,11 +111,19 @@ def _child(req: dict, fds: list[int]) -> None:
         _fresh_state()
         import runpy
 
-        script = req["argv"][1]
-        sys.argv = req["argv"][1:]
-        sys.path[0] = os.path.dirname(os.path.abspath(script))
+        if req["argv"][1] == "-m":  # `python -m pkg args`: argv[0] becomes the module's file, sys.path[0] the cwd
+            module, script = req["argv"][2], None
+            sys.argv = [req["argv"][2], *req["argv"][3:]]
+            sys.path[0] = os.getcwd()
+        else:
+            module, script = None, req["argv"][1]
+            sys.argv = req["argv"][1:]
+            sys.path[0] = os.path.dirname(os.path.abspath(script))
         try:
-            runpy.run_path(script, run_name="__main__")
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(script, run_name="__main__")
             code = 0
         except SystemExit as e:
             if e.code is None:
@@ -274,8 +284,10 @@ def prestart(env: dict[str, str]) -> None:
 def run(argv: list[str], cwd: str | Path, env: dict[str, str], timeout: float | None = None,
         ) -> subprocess.CompletedProcess | None:
     """`subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)`, forked from a
-    warm zygote. None if no zygote can serve it (the caller then runs the real process)."""
-    if not enabled() or argv[0] != sys.executable or len(argv) < 2 or argv[1].startswith("-"):
+    warm zygote, for `[sys.executable, script, ...]` and `[sys.executable, "-m", module, ...]`. None if no zygote
+    can serve it (the caller then runs the real process)."""
+    if not enabled() or argv[0] != sys.executable or len(argv) < 2 or (argv[1].startswith("-") and (
+            argv[1] != "-m" or len(argv) < 3)):
         return None
     z = zygote(env)
     if z is None:

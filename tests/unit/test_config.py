@@ -1,9 +1,9 @@
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.integration.helpers import run_python
 from trainer.config import DEMO_CONFIG, apply_overrides, build_experiment, load_experiment
 from trainer.errors import ConfigError
 from trainer.memory.fit_table import shipped_experiments
@@ -66,9 +66,8 @@ def test_cli_prints_all_problems_and_exits_2(tmp_path):
     # pure problems and a registry one (the backbone's real constructor has no img_sz) in one report
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("optim: {lr: 0}\nrun: {max_step: 3}\nmodel: {backbone: prithvi_eo_tiny}\n")
-    r = subprocess.run([sys.executable, str(DEMO_CONFIG.parents[2] / "launch" / "train.py"), "--config", str(cfg),
-                        "data.num_workrs=1", "model.backbone_kwargs.img_sz=64", f"checkpoint.dir={tmp_path / 'job'}"],
-                       capture_output=True, text=True, timeout=300)
+    r = run_python([DEMO_CONFIG.parents[2] / "launch" / "train.py", "--config", cfg, "data.num_workrs=1",
+                    "model.backbone_kwargs.img_sz=64", f"checkpoint.dir={tmp_path / 'job'}"], cwd=Path.cwd(), timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert "4 problem(s)" in r.stderr

@@ -14,6 +14,7 @@ import torch
 from rasterio.transform import Affine
 
 import trainer.data.synthetic as synthetic
+from tests.integration.helpers import run_python
 from trainer.config import Experiment
 from trainer.data import build_datasets, generate_synthetic
 from trainer.data.geotiff import GeoTiffDataset, find_samples
@@ -418,19 +419,17 @@ def test_terratorch_datamodule_samples_are_normalized_and_deterministic(tmp_path
 
 def test_stats_command_writes_and_recomputes(tmp_path):
     import json
-    import subprocess
-    import sys
 
     from trainer.data.synthetic import generate_synthetic
 
     root = tmp_path / "d"
     generate_synthetic("segmentation", root, n_train=4, n_val=2, tile_size=16, num_bands=3, seed=1)
     (root / "stats.json").unlink()
-    r = subprocess.run([sys.executable, "-m", "trainer", "stats", "--config", "launch/configs/demo.yaml",
-                        f"data.root={root}", "data.kind=geotiff"], capture_output=True, text=True, timeout=120)
+    r = run_python(["-m", "trainer", "stats", "--config", "launch/configs/demo.yaml", f"data.root={root}",
+                    "data.kind=geotiff"], cwd=Path.cwd(), timeout=120)
     assert r.returncode == 0, r.stderr
     stats = json.loads((root / "stats.json").read_text())
     assert len(stats["mean"]) == 3 and all(s > 0 for s in stats["std"])
-    r = subprocess.run([sys.executable, "-m", "trainer", "stats", "--config", "launch/configs/demo.yaml",
-                        f"data.root={tmp_path / 'missing'}"], capture_output=True, text=True, timeout=120)
+    r = run_python(["-m", "trainer", "stats", "--config", "launch/configs/demo.yaml",
+                    f"data.root={tmp_path / 'missing'}"], cwd=Path.cwd(), timeout=120)
     assert r.returncode == 2 and str(tmp_path / "missing") in r.stderr
