@@ -50,12 +50,12 @@ for builder in (ShareMemCommBuilder(),):
 PY
   touch .venv/.ds-ops-built
 fi
-# TERRASCALE_BUILD_AIO=background (what .ci/run sets) compiles async_io now, niced, on one core, while the caller
-# goes on; it measured 5-13 min here. A run that needs the op meanwhile waits for torch's build lock, then loads it.
+# TERRASCALE_BUILD_AIO=background (what .ci/run sets) compiles async_io now, on one core, while the caller goes
+# on; it measured 5-13 min here. A run that needs the op meanwhile waits for torch's build lock, then loads it.
 if [ "${TERRASCALE_BUILD_AIO:-}" = background ] && [ ! -f .venv/.ds-aio-built ] \
    && ! { [ -f .venv/.ds-aio-building ] && kill -0 "$(cat .venv/.ds-aio-building)" 2>/dev/null; }; then
   echo "[setup] building DeepSpeed's async_io op in the background (log: .venv/torch_extensions/async_io.log)"
-  MAX_JOBS=1 nohup nice -n 10 .venv/bin/python -c '
+  MAX_JOBS=1 nohup .venv/bin/python -c '
 import pathlib, sys, time
 from deepspeed.ops.op_builder import AsyncIOBuilder
 t0 = time.time()

@@ -69,6 +69,22 @@ def run_python(args: list[str], cwd: str | Path = ROOT, timeout: float = 600, en
     return subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
 
 
+def wait_for_background_ops(limit: float = 1800) -> None:
+    """Wait for the async_io build `.ci/run` starts in the background (launch/setup.sh, TERRASCALE_BUILD_AIO), so
+    that a test needing the op does not spend its own timeout on the compile."""
+    import time
+
+    pid_file = ROOT / ".venv" / ".ds-aio-building"
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and not (
+            ROOT / ".venv" / ".ds-aio-built").exists():
+        time.sleep(2)
+
+
 def check(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert r.returncode == 0, f"exit {r.returncode}\nSTDOUT:\n{r.stdout[-4000:]}\nSTDERR:\n{r.stderr[-8000:]}"
     return r

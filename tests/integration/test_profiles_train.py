@@ -9,7 +9,7 @@ import rasterio
 import torch
 from rasterio.merge import merge
 
-from tests.integration.helpers import TINY, check, load_export, metrics, run_train
+from tests.integration.helpers import TINY, check, load_export, metrics, run_train, wait_for_background_ops
 from trainer.memory.profiles import PROFILES
 
 TWO_STEPS = [*TINY, "run.max_steps=2", "run.eval_every=2", "run.checkpoint_every=1", "run.log_every=1"]
@@ -55,6 +55,7 @@ def _nvme_problem():
 def test_profile_trains_and_resumes_one_process(tmp_path, profile):
     extra = []
     if profile == "zero3_nvme":
+        wait_for_background_ops()  # CI compiles async_io beside the tests (.ci/run)
         extra = [f"memory.nvme_path={tmp_path / 'nvme'}"]
         (tmp_path / "nvme").mkdir()
         if _nvme_problem():  # no libaio on this machine: the profile must say so, not half-run
