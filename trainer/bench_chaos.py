@@ -95,6 +95,28 @@ def _temp_dirs(job: Path) -> list[str]:
     return found + (["export.tmp"] if (job / "export.tmp").exists() else [])
 
 
+def _temp_ids(job: Path) -> dict[str, tuple[int, int]]:
+    """Each temp dir's identity (inode, mtime): a dir removed and made again under the same name is a new one."""
+    out = {}
+    for name in _temp_dirs(job):
+        path = job / name if name == "export.tmp" else checkpoints_dir(job) / name
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        out[name] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def fresh_temps(job: Path, stale: dict[str, tuple[int, int]]) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """(temp dirs being written by this run, the stale ones still untouched). A temp dir left by an earlier
+    killed run is stale until it vanishes or changes: the export removes and rewrites `export.tmp` under the
+    same name, often between two looks, so a name alone would keep it stale for good."""
+    ids = _temp_ids(job)
+    stale = {n: i for n, i in stale.items() if ids.get(n) == i}
+    return [n for n in ids if n not in stale], stale
+
+
 def _newest(job: Path) -> str | None:
     done = list_complete(job)
     return done[-1].name if done else None
@@ -118,7 +140,7 @@ def run_once(cmd: list[str], job: Path, log_path: Path, kind: str | None, delay_
     next_look, logged = 0.0, 0
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     seen_saves: set[str] = set()
-    stale = set(_temp_dirs(job))  # left by an earlier killed run: ignored until they vanish (being rewritten)
+    stale = _temp_ids(job)  # left by an earlier killed run: ignored until they vanish or change (fresh_temps)
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         t0 = time.monotonic()
@@ -133,9 +155,7 @@ def run_once(cmd: list[str], job: Path, log_path: Path, kind: str | None, delay_
             if now > timeout_s:
                 att.timed_out = fire = True
             elif kind is not None:
-                temps = _temp_dirs(job)
-                stale &= set(temps)
-                temps = [t for t in temps if t not in stale]
+                temps, stale = fresh_temps(job, stale)
                 if kind == "random":
                     fire = now >= delay_s or (clean_log and latest_step is not None and logged >= latest_step)
                 elif kind == "save":

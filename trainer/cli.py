@@ -20,13 +20,15 @@ def _train(args: argparse.Namespace) -> int:
 
     stop = _early_stop or StopRequest().install()
     follow_launcher()
-    from trainer.run import main
     from trainer.validate import load_checked  # every config problem, registry checks included, before any work
 
     if (note := launcher_note()) and os.environ.get("RANK", "0") == "0":
         print(f"terrascale: warning: {note}", file=sys.stderr)
     try:
-        return main(load_checked(args.config, args.overrides), stop)
+        exp = load_checked(args.config, args.overrides)  # before trainer.run's imports (torch, accelerate)
+        from trainer.run import main
+
+        return main(exp, stop)
     finally:
         stop.uninstall()
 

@@ -275,8 +275,16 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
     sampler = EpochSampler(len(train_ds), per_epoch * exp.run.grad_accum * exp.data.batch_size * world,
                            seed=exp.run.seed)
     loader_kw = dict(batch_size=exp.data.batch_size, num_workers=exp.data.num_workers, pin_memory=has_cuda)
-    train_loader = torch.utils.data.DataLoader(train_ds, sampler=sampler, drop_last=True, **loader_kw)
-    val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_kw)
+    # Each loader draws its workers' base seed from its own generator, not from the global torch RNG: every
+    # `iter()` of a DataLoader takes one number from `generator` (the global RNG when None). A resumed run
+    # creates its (skip-batches) iterator right after restoring the RNG, where the straight run had created it
+    # at the epoch start, so with the global RNG the draw shifts every later random number (LoRA dropout masks)
+    # and resume is no longer exact. Samples do not depend on it (order and flips are a pure function of
+    # (seed, epoch, index)), so this generator needs no checkpointing.
+    train_loader = torch.utils.data.DataLoader(train_ds, sampler=sampler, drop_last=True,
+                                               generator=torch.Generator().manual_seed(exp.run.seed), **loader_kw)
+    val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False,
+                                             generator=torch.Generator().manual_seed(exp.run.seed + 1), **loader_kw)
     if scheduler_in_engine:
         model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
             model, optimizer, train_loader, val_loader, scheduler)

@@ -216,7 +216,9 @@ def check_resume(checkpoint: dict[str, Any]) -> list[str]:
 
 
 def load_checked(path: str | Path | None, overrides: list[str] | None = None) -> Experiment:
-    """`load_experiment` plus the registry checks; every problem found is raised at once."""
+    """`load_experiment` plus the registry checks. In two rounds: the checks that need no TerraTorch (the typed
+    config, checkpoint.resume), every problem found raised at once; only if they pass, the registry checks
+    (backbone, necks, decoder, their kwargs, bands, img_size), again all at once."""
     raw = load_raw(path, overrides)  # unreadable / empty / non-mapping files stop here: nothing else to check
     source = str(path) if path else "defaults"
     issues: list[str] = []
@@ -225,9 +227,11 @@ def load_checked(path: str | Path | None, overrides: list[str] | None = None) ->
         exp = experiment_from_raw(raw, source, from_file=path is not None)
     except ConfigError as e:
         issues += e.issues
+    issues += check_resume(_section(raw, "checkpoint"))
+    if issues:  # reported before the TerraTorch import (12-36 s): most mistakes exit in a few seconds
+        raise ConfigError(issues, source=source)
     task = _section(raw, "task").get("name", "segmentation")
     issues += check_model(_section(raw, "model"), task if isinstance(task, str) else "segmentation")
-    issues += check_resume(_section(raw, "checkpoint"))
     if issues:
         raise ConfigError(issues, source=source)
     return exp

@@ -17,15 +17,22 @@ ONE_PROC = [n for n in PROFILES if n != "auto"]
 TWO_PROC = ["zero2", "zero3", "zero3_offload_optimizer", "zero3_offload_lora"]
 
 
-def _train_stop_resume(tmp_path, profile: str, nproc: int, extra=()):
+def _train_stop_resume(tmp_path, profile: str, nproc: int, extra=(), straight: bool = False):
+    """Stop at step 1, resume to step 2. `straight`: also train 2 steps in one go and require the resumed run to
+    equal it bit for bit (per-step loss and every exported tensor)."""
     job = tmp_path / "job"
-    args = [*TWO_STEPS, f"data.root={tmp_path / 'data'}", f"memory.profile={profile}", f"checkpoint.dir={job}",
-            *extra]
-    r = check(run_train([*args, "run.stop_at_step=1"], nproc))
+    args = [*TWO_STEPS, f"data.root={tmp_path / 'data'}", f"memory.profile={profile}", *extra]
+    r = check(run_train([*args, f"checkpoint.dir={job}", "run.stop_at_step=1"], nproc))
     assert "profile " + profile in r.stderr
-    r = check(run_train(args, nproc))
+    r = check(run_train([*args, f"checkpoint.dir={job}"], nproc))
     assert "resumed from" in r.stderr and "step-000001" in r.stderr
     assert [m["step"] for m in metrics(job)] == [1, 2]
+    if straight:
+        ref = tmp_path / "straight"
+        check(run_train([*args, f"checkpoint.dir={ref}"], nproc))
+        assert [m["loss"] for m in metrics(job)] == [m["loss"] for m in metrics(ref)]
+        a, b = load_export(ref), load_export(job)
+        assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
     return job
 
 
@@ -63,7 +70,9 @@ def test_profile_trains_and_resumes_one_process(tmp_path, profile):
                            f"checkpoint.dir={tmp_path / 'job'}", *extra])
             assert r.returncode == 2 and "async_io" in r.stderr and "libaio" in r.stderr
             return
-    job = _train_stop_resume(tmp_path, profile, 1, extra)
+    # LoRA trains with dropout (the global torch RNG): its resume is exact only if nothing else draws from that
+    # RNG differently in a resumed run (a loader's iterator did, 1e-3 off in the weights); checked bit for bit.
+    job = _train_stop_resume(tmp_path, profile, 1, extra, straight=PROFILES[profile].lora is not None)
     if profile == "zero3_nvme":
         assert any((tmp_path / "nvme").rglob("*.swp")), "nothing was swapped to the NVMe path"
     exported = sorted(p.name for p in (job / "export").iterdir())

@@ -46,3 +46,24 @@ def test_kill_plan_has_saves_and_exports_last():
     assert "export" not in kinds[:-2] and kinds.count("random") == 12
     assert plan_kinds(3, random.Random(0)).count("export") == 1 and sorted(plan_kinds(3, random.Random(0))[:2]) == [
         "random", "save"]
+
+
+def test_a_stale_export_tmp_rewritten_under_the_same_name_counts_as_a_new_export(tmp_path):
+    """The export removes a killed run's `export.tmp` and writes it again; the harness must see the new one even
+    when both happen between two of its looks (a second export kill was never delivered before)."""
+    import os
+    import shutil
+    import time
+
+    from trainer.bench_chaos import _temp_ids, fresh_temps
+
+    job = tmp_path / "job"
+    (job / "export.tmp").mkdir(parents=True)
+    stale = _temp_ids(job)
+    assert fresh_temps(job, stale)[0] == []  # untouched: still the earlier run's
+    time.sleep(0.01)
+    shutil.rmtree(job / "export.tmp")
+    (job / "export.tmp").mkdir()
+    (job / "export.tmp" / "model.safetensors").write_bytes(b"x")
+    temps, stale = fresh_temps(job, stale)
+    assert temps == ["export.tmp"] and stale == {}
