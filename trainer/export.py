@@ -127,7 +127,12 @@ def dequantized_weight(m: nn.Module) -> torch.Tensor:
     import bitsandbytes as bnb
 
     if isinstance(m, bnb.nn.Linear4bit):
-        return bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        data, state = m.weight.data, m.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # an eval forward on an AVX512-bf16 CPU repacked the weight for its kernel (bitsandbytes does so in
+            # place); undo it on a copy, as bitsandbytes' own state_dict does
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        return bnb.functional.dequantize_4bit(data, state)
     return m.weight.data.float() * m.weight.SCB.float().unsqueeze(1) / 127.0
 
 
