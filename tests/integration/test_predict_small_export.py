@@ -13,7 +13,7 @@ base three times). Checked:
 - a base with the same shapes but other values (another seed: only the fingerprint's content samples differ) is
   refused with exit 2 and nothing is written;
 - `terrascale export --merge` states the merged file's size before writing, and writes exactly that many bytes.
-Real-width numbers (export sizes, RSS, windows/s) are measured by `python launch/bench.py predict`.
+Real-width numbers (export sizes, RSS, windows/s) are in the README (measured outside CI).
 """
 from __future__ import annotations
 
@@ -87,8 +87,8 @@ def test_small_export_is_what_trained_and_merge_states_its_size(job):
         {k.removeprefix("encoder.") for k in rest}
     assert not ours & written, f"the export repeats base tensors: {sorted(ours & written)[:3]}"
     assert not [k for k in rest if k.startswith("encoder.") and not k.startswith("encoder.input_adapter.")]
-    size = sum(p.stat().st_size for p in export.rglob("*") if p.is_file())
-    assert manifest["bytes"] == size and size < 0.1 * job["info"]["bytes"]
+    size = sum(p.stat().st_size for p in export.rglob("*") if p.is_file() and p.name != "export.json")
+    assert manifest["bytes"] == size and size < 0.1 * job["info"]["bytes"]  # export.json: the files beside it
 
     r = subprocess.run([sys.executable, "-m", "trainer", "export", "--job", str(job["job"]), "--merge"], cwd=ROOT,
                        env=env(), capture_output=True, text=True, timeout=900)
