@@ -161,6 +161,23 @@ def split_lora_state(state: dict[str, torch.Tensor], model: nn.Module | None, ba
     return adapter, rest
 
 
+def _gather_trained(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+    """ZeRO-3 LoRA with a base checkpoint: gather only the parameters the small export keeps (one at a time, every
+    rank in the same order), never the frozen base (a 40B job's would be 80 GB on rank 0)."""
+    import deepspeed
+
+    module = accelerator.unwrap_model(model)
+    skip = base_names(module)
+    state = {k: v for k, v in module.state_dict().items() if k not in dict(module.named_parameters())}  # buffers
+    for name, p in module.named_parameters():
+        if plain_name(name) in skip and not p.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([p]):
+            if accelerator.is_main_process:
+                state[name] = p.data.detach().cpu().clone()
+    return state
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -188,7 +205,10 @@ def _write_lora(tmp: Path, accelerator, model: nn.Module, state: dict, exp: Expe
 def export_job(accelerator, model: nn.Module, exp: Experiment, profile: Profile, zero_stage: int,
                out_dir: Path, metadata: dict[str, Any]) -> Path | None:
     """Collective (ZeRO-3 gathers on every rank). Returns the export dir on rank 0."""
-    state = accelerator.get_state_dict(model)
+    if zero_stage == 3 and profile.lora is not None and base_checkpoint(exp) is not None:
+        state = _gather_trained(accelerator, model)
+    else:
+        state = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return None
