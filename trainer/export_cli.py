@@ -29,18 +29,48 @@ def export_from_checkpoint(job_dir: Path, checkpoint: str | None, overrides: lis
     return out
 
 
+def merge_export(export: Path, base: str | None = None) -> Path:
+    """model.merged.safetensors (bf16) beside the export, from the model as trained; see trainer.merge."""
+    from trainer.export import MERGED_FILE, read_manifest
+    from trainer.inference import load_for_inference
+    from trainer.merge import write_merged
+
+    manifest = read_manifest(export)
+    im = load_for_inference(export, device="cpu", base=base)
+    out = export / MERGED_FILE
+    write_merged(im.model, out, {"backbone": im.exp.model.backbone, "task": im.exp.task.name,
+                                 "profile": manifest.get("profile"), "step": manifest.get("step")})
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
-    out = export_from_checkpoint(Path(args.job), args.checkpoint, args.overrides)
-    if out is not None:
-        print(f"exported {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    from trainer.export import is_exported
+
+    job = Path(args.job)
+    export = job / "export"
+    out = None
+    if args.checkpoint or args.overrides or not (args.merge and is_exported(export)):
+        out = export_from_checkpoint(job, args.checkpoint, args.overrides)
+        if out is not None:
+            print(f"exported {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    if args.merge and (out is not None or is_exported(export)):
+        print(f"wrote {merge_export(export, args.base)}")
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="write a job's exports (safetensors, adapters, merged) from a checkpoint",
-                       description="Load a job's checkpoint (newest complete one, or --checkpoint) and write "
-                       "export/: consolidated weights (gathered from ZeRO-3), LoRA adapters and merged weights.")
+    p = sub.add_parser("export", help="write a job's exports (weights, or adapters + head; --merge) from a checkpoint",
+                       description="Load a job's checkpoint (newest complete one, or --checkpoint) and write export/: "
+                       "full profiles: the consolidated weights (gathered from ZeRO-3); LoRA/QLoRA: the adapters (peft) "
+                       "and every tensor the base checkpoint does not hold, with the base's fingerprint. --merge also "
+                       "writes model.merged.safetensors: adapters merged into the base as trained (QLoRA: NF4 "
+                       "dequantized), bf16, size stated before writing; with an existing export and no --checkpoint "
+                       "it merges that export without re-exporting.")
     p.add_argument("--job", required=True, help="job directory (holds config.yaml and checkpoints/)")
     p.add_argument("--checkpoint", help="a step-XXXXXX directory (default: the newest complete one)")
+    p.add_argument("--merge", action="store_true", help="also write the merged bf16 model (large: the whole "
+                   "backbone; predict does not need it)")
+    p.add_argument("--base", metavar="DIR", help="with --merge: the base checkpoint, if it moved from the job's "
+                   "pretrained_path (fingerprint checked)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the job's config")
     p.set_defaults(func=_run)

@@ -1,8 +1,11 @@
 """Sliding-window inference of a trained job over a scene far larger than a tile: `predict_scene(...)`.
 
-- Model: the job's `export/` (config.yaml + weights through `trainer.export.load_exported`: merged LoRA/QLoRA
-  weights when present, the consolidated state of a ZeRO-3 job). Normalization: `export/stats.json`, else the
-  stats file the job's config names.
+- Model: the job's `export/` through `trainer.inference.load_for_inference` at `precision` (nf4, int8, bf16,
+  fp32; default what the job trained with): for LoRA/QLoRA jobs the base checkpoint streamed (fingerprint
+  checked) with the export's adapters, necks, decoder and head on top; full exports as they are. Normalization:
+  `export/stats.json`, else the stats file the job's config names. `predict_loaded` predicts with a model
+  loaded once (several scenes, benchmarks).
+- Windows per forward pass: `batch_size`, or None to fit the device (`trainer.inference.windows_per_batch`).
 - Windows of `tile` px overlap by `overlap` px; the last row/column of windows is moved flush with the scene's
   edge, so every window is a whole tile (a scene smaller than a tile is zero-padded, i.e. filled with the band
   mean). Each window's output is weighted by a tapered cosine (1 inside, falling towards 0 over the `overlap`
@@ -51,12 +54,17 @@ class Prediction:
     quicklook: Path | None
     windows: int
     shape: tuple[int, int]
+    batch_size: int = 0
+    seconds: float = 0.0  # the window loop (reading, forward passes, blending, writing)
+    precision: str = ""
 
 
 def resolve_export(job: Path) -> Path:
     """A job dir (with export/) or the export dir itself."""
+    from trainer.export import is_exported
+
     for cand in (job / "export", job):
-        if (cand / "config.yaml").is_file() and any(cand.glob("model*.safetensors")):
+        if is_exported(cand):
             return cand
     raise DataError(f"--job {job}: no exported model there (need export/config.yaml and export/model.safetensors); "
                     "give a finished job dir or its export/ dir (`terrascale export` writes one from a checkpoint)")
@@ -149,11 +157,11 @@ class _Reader:
         return np.stack(dates), bad_any
 
 
-def _run(model, exp: Experiment, batch: list[np.ndarray], temporal: bool, device) -> np.ndarray:
+def _run(model, exp: Experiment, batch: list[np.ndarray], temporal: bool) -> np.ndarray:
     """Model outputs for a batch of windows: class probabilities [N, K, t, t] or coherence [N, 1, t, t]."""
     from trainer.tasks import postprocess
 
-    x = torch.from_numpy(np.stack(batch)).to(device)
+    x = torch.from_numpy(np.stack(batch))
     if not temporal:
         x = x[:, 0]
     with torch.inference_mode():
@@ -173,19 +181,46 @@ def _write_rows(dst, acc: np.ndarray, wsum: np.ndarray, bad: np.ndarray, top: in
     dst.write(out, window=Window(0, top, out.shape[2], n))
 
 
+def _check_options(tile: int, overlap: int, batch_size: int | None) -> None:
+    if tile < 1 or not 0 <= overlap <= tile // 2 or (batch_size is not None and batch_size < 1):
+        raise ConfigError(f"--tile {tile} --overlap {overlap} --batch-size {batch_size}: need tile >= 1, "
+                          "0 <= overlap <= tile/2 (so each window keeps a centre no other window blends into), "
+                          "batch size >= 1 (or auto)")
+
+
 def predict_scene(job: Path, inputs: Sequence[Path], out: Path, *, tile: int = 64, overlap: int = 16,
-                  batch_size: int = 4, probabilities: bool = False, quicklook: Path | None = None) -> Prediction:
+                  batch_size: int | None = 4, probabilities: bool = False, quicklook: Path | None = None,
+                  precision: str | None = None, base: str | None = None) -> Prediction:
+    """Load the job's model (`precision`, `base`: see trainer.inference) and predict one scene. Inputs are checked
+    before the model is loaded."""
+    from trainer.inference import load_for_inference
     from trainer.temporal import temporal_settings
 
     job, out, inputs = Path(job), Path(out), [Path(p) for p in inputs]
-    if tile < 1 or not 0 <= overlap <= tile // 2 or batch_size < 1:
-        raise ConfigError(f"--tile {tile} --overlap {overlap} --batch-size {batch_size}: need tile >= 1, "
-                          "0 <= overlap <= tile/2 (so each window keeps a centre no other window blends into), "
-                          "batch size >= 1")
+    _check_options(tile, overlap, batch_size)
     if out.resolve() in {p.resolve() for p in inputs}:
         raise DataError(f"--out {out} is one of the inputs: choose another output path")
     export = resolve_export(job)
     exp = load_experiment(export / "config.yaml")
+    temporal = exp.task.name == "change_detection"
+    mean, _, _ = load_stats(export, exp)
+    check_inputs(inputs, exp, len(mean), temporal_settings(exp.task).num_dates if temporal else 1)
+    model = load_for_inference(export, precision, base=base)
+    return predict_loaded(model, inputs, out, tile=tile, overlap=overlap, batch_size=batch_size,
+                          probabilities=probabilities, quicklook=quicklook)
+
+
+def predict_loaded(model, inputs: Sequence[Path], out: Path, *, tile: int = 64, overlap: int = 16,
+                   batch_size: int | None = 4, probabilities: bool = False,
+                   quicklook: Path | None = None) -> Prediction:
+    """Predict one scene with a loaded `trainer.inference.InferenceModel`; `batch_size` None fits the device."""
+    import time
+
+    from trainer.temporal import temporal_settings
+
+    out, inputs = Path(out), [Path(p) for p in inputs]
+    _check_options(tile, overlap, batch_size)
+    export, exp = model.export, model.exp
     task = exp.task
     temporal = task.name == "change_detection"
     num_dates = temporal_settings(task).num_dates if temporal else 1
@@ -198,13 +233,9 @@ def predict_scene(job: Path, inputs: Sequence[Path], out: Path, *, tile: int = 6
         mode, nbands = "probabilities", task.num_classes
     else:
         mode, nbands = "classes", 1
-    log.info("predicting %s (%dx%d, %d date(s)) with %s, stats %s, %s output", inputs[0], height, width, num_dates,
-             export, stats_path, mode)
+    log.info("predicting %s (%dx%d, %d date(s)) with %s (%s), stats %s, %s output", inputs[0], height, width,
+             num_dates, export, model.precision, stats_path, mode)
 
-    from trainer.export import load_exported
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_exported(exp, export).to(device)
     stride = tile - overlap
     rows, cols = offsets(height, tile, stride), offsets(width, tile, stride)
     w1 = taper(tile, overlap)
@@ -219,11 +250,18 @@ def predict_scene(job: Path, inputs: Sequence[Path], out: Path, *, tile: int = 6
     try:
         with contextlib.ExitStack() as stack:
             reader = _Reader(stack, inputs, exp, mean, std, tile)
+            if batch_size is None:
+                from trainer.inference import windows_per_batch
+
+                first = reader.read(rows[0], cols[0])[0]
+                sample = torch.from_numpy(first[None] if temporal else first[:1])
+                batch_size = windows_per_batch(model, sample)
             try:
                 dst = stack.enter_context(rasterio.open(tmp, "w", **profile))
             except rasterio.errors.RasterioIOError as e:
                 raise DataError(f"cannot write --out {out} ({e}): check the folder exists and is writable") from e
-            dst.update_tags(task=task.name, backbone=exp.model.backbone, job=str(export), output=mode)
+            dst.update_tags(task=task.name, backbone=exp.model.backbone, job=str(export), output=mode,
+                            precision=model.precision)
             names = {"classes": ["class"], "coherence": ["coherence"]}.get(mode, [f"p_class_{i}" for i in range(nbands)])
             for i, name in enumerate(names, start=1):
                 dst.set_band_description(i, name)
@@ -231,6 +269,8 @@ def predict_scene(job: Path, inputs: Sequence[Path], out: Path, *, tile: int = 6
             wsum = np.zeros((tile, width), "float32")
             bad = np.zeros((tile, width), bool)
             top = 0
+            t0 = time.perf_counter()
+            bar = _progress(len(rows) * len(cols))
             for row in rows:
                 shift = row - top  # rows above `row` get no more windows: write them, slide the buffers up
                 if shift:
@@ -242,20 +282,29 @@ def predict_scene(job: Path, inputs: Sequence[Path], out: Path, *, tile: int = 6
                 for start in range(0, len(cols), batch_size):
                     chunk = cols[start:start + batch_size]
                     windows = [reader.read(row, col) for col in chunk]
-                    probs = _run(model, exp, [w[0] for w in windows], temporal, device)
+                    probs = _run(model, exp, [w[0] for w in windows], temporal)
                     for col, (_, bad_w), p in zip(chunk, windows, probs):
                         h, w = bad_w.shape
                         acc[:, :h, col:col + w] += p[:, :h, :w] * weight[:h, :w]
                         wsum[:h, col:col + w] += weight[:h, :w]
                         bad[:h, col:col + w] |= bad_w
+                    bar.update(len(chunk))
             _write_rows(dst, acc, wsum, bad, top, height - top, mode)
+            bar.close()
+            seconds = time.perf_counter() - t0
         look = None
         if quicklook is not None:
             look = write_quicklook(inputs[-1], tmp, Path(quicklook), exp, mode)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return Prediction(out, look, len(rows) * len(cols), (height, width))
+    return Prediction(out, look, len(rows) * len(cols), (height, width), batch_size, seconds, model.precision)
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="predicting", unit="window", disable=total < 20, leave=False)
 
 
 # ---------------------------------------------------------------------------------------------------
