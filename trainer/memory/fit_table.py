@@ -64,8 +64,9 @@ def representative(name: str, mode: str) -> Experiment:
 
 
 def shipped_experiments() -> list[Path]:
-    """The experiment files under launch/configs (not the accelerate/SLURM launcher configs)."""
-    return sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("accelerate", "slurm"))
+    """The experiment files under launch/configs (not the accelerate/SLURM launcher configs, nor the backbone
+    comparison specs of `bench compare`)."""
+    return sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("accelerate", "slurm", "compare"))
 
 
 def rows() -> list[tuple[str, str]]:
