@@ -30,6 +30,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB, GiB = 2**20, 2**30
+REPEATS = 2
+# The real-width job's load (its checkpoint and export, seconds) dwarfs a few small windows: give it more of them.
+REALWIDTH_WINDOW_FACTOR = 4
 TINY_CASES = {  # name: (config, overrides)
     "prithvi_eo_tiny": ("launch/configs/prithvi_forest.yaml", ["model.backbone=prithvi_eo_tiny"]),
     "terramind_v1_tiny": ("launch/configs/terramind_forest.yaml", ["model.backbone=terramind_v1_tiny"]),
@@ -86,16 +89,21 @@ def measure(job: Path, scratch: Path, windows: int, batch: int, precision: str) 
     long = write_scene(scratch / f"scene_{windows}.tif", bands, tile, tile * windows)
     # untimed: imports, registry set-up and first-call costs are paid once, by neither timed call
     predict_windows(job, short, scratch / "pred_warmup.tif", tile=tile, batch=batch, precision=precision)
-    times = {}
-    for name, scene in (("short", short), ("long", long)):
-        t0 = time.perf_counter()
-        n = predict_windows(job, scene, scratch / f"pred_{name}.tif", tile=tile, batch=batch, precision=precision)
-        times[name] = (time.perf_counter() - t0, n)
-    (t1, n1), (tn, nn) = times["short"], times["long"]
+    # short, long, short, long: the fastest of each (other jobs on a shared host only ever add time)
+    times: dict[str, list[float]] = {"short": [], "long": []}
+    count = {}
+    for _ in range(REPEATS):
+        for name, scene in (("short", short), ("long", long)):
+            t0 = time.perf_counter()
+            count[name] = predict_windows(job, scene, scratch / f"pred_{name}.tif", tile=tile, batch=batch,
+                                          precision=precision)
+            times[name].append(time.perf_counter() - t0)
+    t1, tn, n1, nn = min(times["short"]), min(times["long"]), count["short"], count["long"]
     return {"tile": tile, "bands": bands, "windows": nn, "batch": batch, "precision": precision,
-            "seconds_1_window": t1, f"seconds_{nn}_windows": tn,
-            "windows_per_s": (nn - n1) / max(tn - t1, 1e-9), "peak_rss_mb": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": __import__("torch").get_num_threads()}
+            "seconds_1_window": times["short"], f"seconds_{nn}_windows": times["long"],
+            "windows_per_s": (nn - n1) / (tn - t1) if tn > t1 else None,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": __import__("torch").get_num_threads()}
 
 
 def _measure_main(argv: list[str]) -> int:
@@ -213,13 +221,14 @@ def run(cases: list[str], out: Path, scratch: Path, windows: int, batch: int, de
             row.update(status="failed", exit_code=code, error="training failed: see " + str(work / "train.log"))
             rows.append(row)
             continue
-        echo(f"[bench predict] {name}: predicting 1 and {windows} windows")
-        row.update(measure_job(work / "job", work / "predict", windows, batch))
+        n = windows * (REALWIDTH_WINDOW_FACTOR if name.startswith("internvl2_40b_width") else 1)
+        echo(f"[bench predict] {name}: predicting 1 and {n} windows, {REPEATS} times each")
+        row.update(measure_job(work / "job", work / "predict", n, batch))
         if row["status"] == "ok":
             row.update(planned(work / "job", batch))
-            if row.get("flops_per_window"):
+            if row.get("flops_per_window") and row.get("windows_per_s"):
                 row["cpu_gflops_reached"] = row["windows_per_s"] * row["flops_per_window"] / 1e9
-            echo(f"[bench predict] {name}: {row['windows_per_s']:.3g} windows/s, peak RSS {row['peak_rss_mb']:.0f} MiB"
+            echo(f"[bench predict] {name}: {_f(row['windows_per_s'])} windows/s, peak RSS {row['peak_rss_mb']:.0f} MiB"
                  f" (planned CPU {row['planned_cpu_mb']:.0f} MiB)")
         rows.append(row)
     import torch
@@ -239,19 +248,21 @@ def _f(v, fmt=".3g") -> str:
 
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"Prediction on this host ({doc['machine']}; load average at the end "
-             f"{', '.join(f'{x:.1f}' for x in doc['loadavg_at_end'])}): {doc['windows']} windows, {doc['batch']} per "
-             "batch, fp32, beside the planner (CPU run; and the GPU bound at the RTX 4090's dense peak).", "",
-             "| case | params | tile px | windows/s (CPU) | GFLOP/window | CPU GFLOP/s reached | peak RSS MiB | planned "
+             f"{', '.join(f'{x:.1f}' for x in doc['loadavg_at_end'])}): {doc['batch']} windows per batch, fp32; "
+             "windows/s = (N - 1) / (fastest N-window run - fastest 1-window run), so model loading cancels; beside "
+             "the planner (CPU run; and the GPU bound at the RTX 4090's dense peak).", "",
+             "| case | params | tile px | windows N | windows/s (CPU) | GFLOP/window | CPU GFLOP/s reached | peak RSS MiB | planned "
              "CPU MiB | planned tensors MiB | GPU bound windows/s nf4 / bf16 | max windows on 24 GB nf4 / bf16 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['case']} | failed (exit {r.get('exit_code')}): {r.get('error', '')[:80]} "
-                         "| | | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         b, m = r.get("gpu_bound_windows_per_s", {}), r.get("gpu_max_windows_24gb", {})
         params = r.get("backbone_params")
-        lines.append(f"| {r['case']} | {_f(params / 1e9 if params else None)}B | {r['tile']} | {_f(r['windows_per_s'])} | "
+        lines.append(f"| {r['case']} | {_f(params / 1e9 if params else None)}B | {r['tile']} | {r['windows']} | "
+                     f"{_f(r['windows_per_s'])} | "
                      f"{_f(r['flops_per_window'] / 1e9)} | {_f(r.get('cpu_gflops_reached'))} | {r['peak_rss_mb']:.0f} | "
                      f"{_f(r['planned_cpu_mb'], '.0f')} | {_f(r['planned_device_mb'], '.0f')} | "
                      f"{_f(b.get('nf4'))} / {_f(b.get('bf16'))} | {m.get('nf4')} / {m.get('bf16')} |")
