@@ -129,6 +129,8 @@ def run_compare(spec_path: Path, cli_overrides: list[str], echo=print) -> dict[s
          f"{sweep.dir}")
     run_sweep(sweep, echo=echo)
     results = _load_state(sweep.dir)
+    # stopped by a signal (the running job saved a checkpoint): no predictions now; the same command continues
+    stopped = any(r.status == "interrupted" for r in results.values())
     rows = []
     for job in tqdm(sweep.jobs, desc="compare: predict", unit="job"):
         job_dir = sweep.dir / job.name
@@ -141,7 +143,7 @@ def run_compare(spec_path: Path, cli_overrides: list[str], echo=print) -> dict[s
                "train_samples_per_s": base["samples_per_s"], "planned_train_mb": base["planned_peak_mb"],
                "measured_train_mb": base["observed_peak_mb"], "measured_source": base["observed_source"],
                "error": base["error"][-400:] if base["error"] else ""}
-        if base["status"] == "done":
+        if base["status"] == "done" and not stopped:
             p = bench_predict.measure_job(job_dir, sweep.dir.parent / "predict" / job.name, spec.predict.windows,
                                           spec.predict.window_batch)
             if p["status"] == "ok":
