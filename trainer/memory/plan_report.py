@@ -134,7 +134,7 @@ def inference_table(plan) -> str:
                                                                   if c.get("lora") else "")
              + f"; budget {where} {_gib(plan.gpu_budget)} GiB, CPU {_gib(plan.cpu_budget)} GiB", "",
              f"{'precision':<10}{where[:3] + ' GiB':>8} = {'weights':>8}{'dequant':>8}{'activ':>7}{'allow':>7}"
-             f"   {'CPU GiB':>7}  {'fits':<5}{'max windows':>12}{'GFLOP/window':>14}{'windows/s':>11}{'Mpx/s':>9}"]
+             f"   {'CPU GiB':>7}  {'fits':<5}{'max windows':>12}{'GFLOP/window':>14}{'windows/s':>11}{'px/s':>9}"]
     for name, e in plan.estimates.items():
         if e.refused:
             lines.append(f"{name:<10}{e.refused}")
