@@ -72,6 +72,31 @@ def _bench(args: argparse.Namespace) -> int:
         doc = bench_load.run(args.depths, args.profiles, args.layout, out, Path(args.scratch), keep=args.keep)
         print(bench_load.markdown(doc) + f"written to {out} and {out.with_suffix('.md')}")
         return 0 if all(r["exit_code"] == 0 for r in doc["runs"]) else 1
+    if args.what == "compare":
+        from trainer import compare
+
+        if not args.config:
+            raise ConfigError(["bench compare: give --config SPEC.yaml (a `compare:` section; example: "
+                               "launch/configs/compare/forest_tiny.yaml)"])
+        doc = compare.run_compare(Path(args.config), args.overrides)
+        out_dir = Path(compare.load_spec(Path(args.config)).dir)
+        print(compare.markdown(doc) + f"written to {out_dir}/compare.{{md,csv,json,png}}")
+        return 0 if all(r["status"] == "done" and not r.get("error") for r in doc["rows"]) else 1
+    if args.what == "predict":
+        from trainer import bench_predict
+
+        if args.config or args.overrides:
+            raise ConfigError(["bench predict trains its own small jobs (the tiny variants of shipped configs, a "
+                               "real-width reduced-depth checkpoint): it takes no --config or overrides (choose "
+                               "--cases tiny realwidth, --depths, --windows, --window-batch)"])
+        if args.windows < 2 or args.window_batch < 1:
+            raise ConfigError([f"--windows {args.windows} --window-batch {args.window_batch}: need windows >= 2 "
+                               "(the rate is the difference of a 1-window and a N-window scene) and batch >= 1"])
+        out = Path(args.out) if args.out.endswith(".json") else out
+        doc = bench_predict.run(args.cases, out, Path(args.scratch), args.windows, args.window_batch,
+                                args.depths[0], args.train_steps)
+        print(bench_predict.markdown(doc) + f"written to {out} and {out.with_suffix('.md')}")
+        return 0 if all(r["status"] == "ok" for r in doc["results"]) else 1
     from trainer import bench
 
     exp = load_experiment(args.config or DEMO_CONFIG, args.overrides)
@@ -118,9 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "chaos: kill -9 a small job N times (some during checkpoint saves and the export), re-run it "
                        "until it finishes, compare its export bitwise to a straight run's (exit 1 if not equal); "
                        "overrides go right after the benchmark name. load: peak RSS and seconds of loading synthetic real-width "
-                       "InternVL2-40B checkpoints of a few depths through `launch/train.py` (one step), per profile.",
+                       "InternVL2-40B checkpoints of a few depths through `launch/train.py` (one step), per profile. "
+                       "predict: windows/s and peak RSS of `predict` on this host for small trained jobs (tiny "
+                       "variants, a real-width reduced-depth InternVL2-40B checkpoint), beside the planner's "
+                       "inference estimate for the same model (`launch/plan.py --inference`). "
+                       "compare: one task and data over a list of backbones, frozen-backbone probe and LoRA, "
+                       "through the sweep (--config SPEC.yaml with a `compare:` section, e.g. "
+                       "launch/configs/compare/forest_tiny.yaml; overrides apply to every job): one table "
+                       "(md/csv/json) and one chart of validation metric, trainable parameters, planned and "
+                       "measured memory, training and inference speed.",
                        epilog=EPILOG_OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("what", choices=["overhead", "optimizer", "planner", "chaos", "load"], help="which benchmark")
+    b.add_argument("what", choices=["overhead", "optimizer", "planner", "chaos", "load", "predict", "compare"], help="which benchmark")
     _add_config(b, required=False)
     b.add_argument("--steps", type=int, default=30, help="training steps per timed round (default 30)")
     b.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are compared (default 5)")
@@ -139,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layout", choices=["native", "remote"], default="native", help="load: checkpoint layout")
     b.add_argument("--scratch", default="bench_scratch", help="load: where checkpoints and jobs go (deleted)")
     b.add_argument("--keep", action="store_true", help="load: keep the written checkpoints")
+    b.add_argument("--cases", nargs="+", choices=["tiny", "realwidth"], default=["tiny", "realwidth"],
+                   help="predict: which jobs (default both; realwidth uses the first of --depths)")
+    b.add_argument("--windows", type=int, default=8, help="predict: windows in the long scene (default 8)")
+    b.add_argument("--window-batch", type=int, default=4, help="predict: windows per forward pass (default 4)")
+    b.add_argument("--train-steps", type=int, default=2, help="predict: training steps of each job (default 2)")
     b.add_argument("--out", default="bench_results", help="results folder, or a .json file (default bench_results/)")
     b.set_defaults(func=_bench)
     for module in COMMAND_MODULES:

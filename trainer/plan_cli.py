@@ -91,7 +91,16 @@ def _plan(args: argparse.Namespace) -> int:
 
         exp = load_experiment(args.config, args.overrides)
         gpu, cpu, gpu_src = budgets(args, exp)
-        plan = plan_experiment(exp, gpu, cpu, args.nvme or exp.memory.nvme_path, tile_size=args.tile_size, builders=terratorch_builders())
+        if args.inference:
+            from trainer.memory.inference import PRECISIONS, plan_inference
+
+            plan = plan_inference(exp, gpu, cpu, windows=args.windows, tile_size=args.tile_size,
+                                  precisions=tuple(args.precision or PRECISIONS),
+                                  builders=terratorch_builders(), device=args.device)
+        else:
+            if args.windows or args.precision or args.device != "cuda":
+                raise ConfigError(["plan: --windows, --precision and --device go with --inference"])
+            plan = plan_experiment(exp, gpu, cpu, args.nvme or exp.memory.nvme_path, tile_size=args.tile_size, builders=terratorch_builders())
     if args.json:
         json.dump(plan.to_json(), sys.stdout, indent=1)
         print()
@@ -124,7 +133,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu-memory", help="CPU RAM budget, e.g. 64GiB (default: memory.cpu_memory, else this machine's RAM)")
     p.add_argument("--nvme", metavar="PATH", help="NVMe directory for zero3_nvme (its free space is the budget; default: memory.nvme_path)")
     p.add_argument("--tile-size", type=int, help="tile edge in pixels when the data section does not say")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON (schema terrascale.plan/1)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (schema terrascale.plan/1; with "
+                   "--inference terrascale.inference_plan/1)")
+    p.add_argument("--inference", action="store_true", help="plan prediction instead of training: GPU and CPU "
+                   "memory per window batch (weights in each precision + forward activations, no gradients or "
+                   "optimizer), the largest batch that fits, and windows/s and px/s at the GPU's dense peak")
+    p.add_argument("--precision", nargs="+", choices=["nf4", "int8", "bf16", "fp32"],
+                   help="with --inference: weight precisions to plan (default: all four)")
+    p.add_argument("--windows", type=int, help="with --inference: windows per batch (default data.batch_size)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="with --inference: cuda (a GPU of "
+                   "the budget, CUDA context counted) or cpu (a CPU run: the CPU is the device)")
     p.add_argument("--fit-table", metavar="PATH", help="regenerate the fit table of every catalog backbone "
                    "(e.g. docs/fit_table.md) instead of planning one config")
     p.add_argument("--readme", metavar="PATH", help="with --fit-table: also write its summary between the "

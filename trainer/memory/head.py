@@ -71,7 +71,11 @@ def _model_spec(exp: Experiment) -> dict:
 
 
 def _trace_with_loss(exp, model, shape, mode, fake, extra_inputs=()) -> dict:
-    from trainer.memory.trace import trace_step
+    from trainer.memory.trace import trace_forward, trace_step
+
+    if mode.inference:  # prediction: the forward alone, no loss
+        t = trace_forward(model, lambda: (torch.randn(*shape.tensor(), dtype=input_dtype(mode)),), fake_mode=fake)
+        return dict(peak=t["peak"], flops=t["flops"])
 
     make_target, loss = task_loss(exp, shape)
     holder = {}
@@ -90,7 +94,8 @@ def head_step(exp: Experiment, outputs: list[list[int]], out_dtypes: list[str], 
     """The head's traced step on top of features shaped `outputs`; (result, was_cached)."""
     spec = {"kind": "head", **_model_spec(exp), "features": outputs, "feature_dtypes": out_dtypes,
             "out_channels": out_channels, "input": shape.key(),
-            "mode": {"precision": mode.precision, "autocast": mode.autocast}, "torch": torch.__version__,
+            "mode": {"precision": mode.precision, "autocast": mode.autocast, **({"inference": True} if mode.inference
+                                                                                 else {})}, "torch": torch.__version__,
             "terratorch": _version("terratorch")}
 
     def compute() -> dict:
@@ -105,13 +110,14 @@ def head_step(exp: Experiment, outputs: list[list[int]], out_dtypes: list[str], 
 
         fake = FakeTensorMode()
         with fake:
-            feats = [torch.empty(s, dtype=getattr(torch, d), requires_grad=True) for s, d in zip(outputs, out_dtypes)]
+            feats = [torch.empty(s, dtype=getattr(torch, d), requires_grad=not mode.inference)
+                     for s, d in zip(outputs, out_dtypes)]
         stub = FeatureStub(out_channels, feats)
         with torch.device("meta"):
             model = builders.around(exp, stub)
         with fake:
-            prepare_for_trace(meta_to_fake_(model), dataclasses.replace(mode, lora=None, grad_checkpointing=False,
-                                                                        train_backbone=True, four_bit=False))
+            prepare_for_trace(meta_to_fake_(model), mode if mode.inference else dataclasses.replace(
+                mode, lora=None, grad_checkpointing=False, train_backbone=True, four_bit=False))
         params = sum(p.numel() for p in model.parameters())
         result = _trace_with_loss(exp, model, shape, mode, fake)
         return {**result, "params": params,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from trainer.config import Experiment
 from trainer.memory import head as head_mod
 from trainer.memory import workload as wl
@@ -16,6 +18,17 @@ from trainer.memory.profiles import PROFILES, Profile
 def loads_checkpoint(exp: Experiment) -> bool:
     kw = exp.model.backbone_kwargs
     return bool(exp.model.pretrained_path or kw.get("pretrained_path") or kw.get("pretrained"))
+
+
+def _above_weights(peak: dict) -> int:
+    return peak["total"] - peak["params"] - peak["buffers"]
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 class Measurer:
@@ -66,6 +79,35 @@ class Measurer:
         grad_bytes = head["params"] * (4 if mode.autocast or mode.precision == "fp32" else wl.BYTES[mode.precision])
         dyn = head_mod.combine(bb, head, keep_grads=profile.deepspeed is None, head_grad_bytes=grad_bytes)
         return {**counts, "head": head["params"], "head_largest": head["largest_layer"]}, dyn | {"mode": mode}
+
+    def forward(self, compute: str) -> tuple[dict, dict]:
+        """(counts incl. head, forward trace) of prediction in the compute dtype `compute` (fp32 | bf16): the
+        window batch's forward under no_grad (`workload.inference_mode`). dyn: "peak" = the bytes above the
+        weights at the forward's highest moment (activations, temporaries, the input batch), "buffers", "flops"."""
+        mode = wl.inference_mode(compute)
+        if self.own is None:
+            def run():
+                res, hit = head_mod.whole_step(self.exp, self.shape, mode, self.builders, lambda encoder: None)
+                if not hit:
+                    self.measured_now.append(f"whole model forward at {compute}")
+                return res
+
+            res = self._once(str(mode.key()), run)
+            counts = {**res["counts"], "head": res["head_params"], "head_largest": res["largest_layer"]}
+            return counts, {"peak": _above_weights(res["peak"]), "buffers": res["peak"]["buffers"],
+                            "flops": res["flops"]}
+        counts = self.own_counts(PROFILES["full"])
+        bb = self._once(str(mode.key()), lambda: self._backbone(counts, mode))
+        feature, out_channels = self._fused(bb["outputs"][0], counts["out_channels"])
+        n = counts["n_outputs"]
+        head = self._once(f"head{mode.key()}", lambda: self._head(mode, feature, n, out_channels))
+        # the backbone's own peak, or its output features held while the decoder runs on them (under no_grad
+        # nothing else of the backbone's forward is alive by then)
+        features = n * _numel(feature[0]) * getattr(torch, feature[1]).itemsize
+        peak = max(_above_weights(bb["peak"]), features + _above_weights(head["peak"]))
+        return ({**counts, "head": head["params"], "head_largest": head["largest_layer"]},
+                {"peak": peak, "buffers": bb["peak"]["buffers"] + head["peak"]["buffers"],
+                 "flops": bb["flops"] + head["flops"]})
 
     def _fused(self, feature: list, out_channels: list[int]) -> tuple[list, list[int]]:
         """Change detection: the shared encoder ran on B x T images; the decoder gets B fused samples, with

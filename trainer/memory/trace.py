@@ -201,6 +201,24 @@ def trace_step(model: nn.Module, make_inputs: Callable[[], tuple], loss_fn: Call
                      after_forward=after_forward, flops=int(flops), outputs=outputs)
 
 
+def trace_forward(model: nn.Module, make_inputs: Callable[[], tuple], *, fake_mode=None,
+                  count_flops: bool = True) -> dict[str, Any]:
+    """One forward pass of `model` under `torch.no_grad()` (prediction: no saved activations, no gradients),
+    tracked: {"peak": bytes by kind at the total's peak, "flops", "outputs"}. Inputs are created inside the
+    tracker (the window batch lives on the device). Same tracker and FLOP counter as `trace_step`."""
+    tracker = StepTracker()
+    tracker.track_external(model)
+    flop_counter = FlopCounter() if count_flops else contextlib.nullcontext()
+    twins = SmallTensorTwins(fake_mode) if fake_mode is not None else contextlib.nullcontext()
+    with fake_mode or contextlib.nullcontext(), twins, tracker, flop_counter, torch.no_grad():
+        inputs = make_inputs()
+        out = model(*inputs)
+        outputs = _outputs(out)
+        del out, inputs
+    return {"peak": _by_kind(tracker.get_tracker_snapshot("peak")),
+            "flops": int(flop_counter.total) if count_flops else 0, "outputs": outputs}
+
+
 class SmallTensorTwins(TorchDispatchMode):
     """Real twins of small tensors computed from Python data, so index bookkeeping runs on fake tensors.
 

@@ -97,12 +97,24 @@ class TraceMode:
     # Frozen parameters held in the compute dtype, trainable ones fp32 (trainer.fitting.cast_frozen: no DeepSpeed,
     # a 16-bit run). Keyed only when set, so traces without frozen parameters keep their cache keys.
     frozen_cast: bool = False
+    # Prediction: forward only under no_grad, the whole model in the compute dtype, eval mode. Keyed only when
+    # set (training traces keep their cache keys).
+    inference: bool = False
 
     def key(self) -> dict:
         d = dataclasses.asdict(self)
-        if not self.frozen_cast:
-            del d["frozen_cast"]
+        for flag in ("frozen_cast", "inference"):
+            if not d[flag]:
+                del d[flag]
         return d
+
+
+def inference_mode(precision: str) -> TraceMode:
+    """How prediction runs (trainer.memory.inference): every weight in the compute dtype (`precision` here is the
+    compute dtype: NF4/int8 weights are dequantized to it per matmul, which leaves activations those of a model
+    held in it), no autocast, no checkpointing (nothing is saved for backward)."""
+    return TraceMode(precision=precision, autocast=False, grad_checkpointing=False, train_backbone=False,
+                     inference=True)
 
 
 def uses_deepspeed_cast(profile: Profile) -> bool:
@@ -272,6 +284,10 @@ def prepare_for_trace(model: nn.Module, mode: TraceMode, backbone: nn.Module | N
 
     backbone = model if backbone is None else backbone
     dtype = DTYPES[mode.precision]
+    if mode.inference:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return set_dtype_(model, dtype).eval()
     if not mode.autocast:
         set_dtype_(model, dtype)
     elif mode.four_bit:
@@ -299,13 +315,16 @@ def input_dtype(mode: TraceMode) -> torch.dtype:
 def _trace_own(b: OwnBackbone, depths: dict[str, int], mode: TraceMode, shape: InputShape) -> dict[str, Any]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from trainer.memory.trace import meta_to_fake_, trace_step
+    from trainer.memory.trace import meta_to_fake_, trace_forward, trace_step
 
     model = build(b, depths)
     fake = FakeTensorMode()
     with fake:
         prepare_for_trace(meta_to_fake_(model), mode)
     x_dtype = input_dtype(mode)
+    if mode.inference:
+        t = trace_forward(model, lambda: (torch.randn(*shape.tensor(), dtype=x_dtype),), fake_mode=fake)
+        return dict(peak=t["peak"], flops=t["flops"], outputs=[[list(s), d] for s, d in t["outputs"]])
     amp = DTYPES[mode.precision] if mode.autocast else None
     t = trace_step(model, lambda: (torch.randn(*shape.tensor(), dtype=x_dtype),), autocast=amp, fake_mode=fake)
     return dict(peak=t.peak, peak_with_grads=t.peak_with_grads, after_forward=t.after_forward, flops=t.flops,
