@@ -226,7 +226,12 @@ def load_checked(path: str | Path | None, overrides: list[str] | None = None) ->
     except ConfigError as e:
         issues += e.issues
     task = _section(raw, "task").get("name", "segmentation")
-    issues += check_model(_section(raw, "model"), task if isinstance(task, str) else "segmentation")
+    if raw.get("terratorch") is None:  # a `terratorch fit` file: TerraTorch's own parser checks its model section
+        issues += check_model(_section(raw, "model"), task if isinstance(task, str) else "segmentation")
+    elif exp is not None:  # TerraTorch's own parser reads it now, not after the accelerator is up
+        from trainer.terratorch_task import check
+
+        issues += check(exp.terratorch, exp.run.seed)
     issues += check_resume(_section(raw, "checkpoint"))
     if issues:
         raise ConfigError(issues, source=source)
