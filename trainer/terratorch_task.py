@@ -282,7 +282,7 @@ class TaskSteps:
         return self._loss(self.task.train_loss_handler, _as_float(model(x, **rest)), y)
 
     def eval_batch(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from terratorch.tasks.utils import to_segmentation_prediction  # noqa: F401
+        from terratorch.tasks.segmentation_tasks import to_segmentation_prediction
 
         x, y, rest = self.batch(batch, "val")
         out = _as_float(model(x, **rest))
