@@ -249,6 +249,17 @@ class CheckpointConfig(_Closed):
         return self
 
 
+class TerraTorchSpec(_Closed):
+    """A `terratorch fit` file's model/data/optimizer/lr_scheduler sections, verbatim: TerraTorch's own
+    LightningCLI parser instantiates them (trainer.terratorch_task); `trainer.terratorch_compat` fills this."""
+
+    config: dict[str, Any]
+    source: str | None = None
+    # trainer.check_val_every_n_epoch: validate (and checkpoint) every N epochs; None: run.eval_every decides
+    eval_every_epochs: int | None = Field(None, ge=1, le=10**6)
+    custom_modules_path: str | None = None
+
+
 class Experiment(_Closed):
     name: str = "experiment"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -259,6 +270,8 @@ class Experiment(_Closed):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    # set for `terratorch fit` (LightningCLI) files: TerraTorch builds task, model, loss, metrics, datamodule
+    terratorch: TerraTorchSpec | None = None
 
     @model_validator(mode="after")
     def _native_fusion_is_prithvis(self) -> "Experiment":
@@ -392,16 +405,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_raw(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
     """The experiment as a plain dict: the YAML (a `terratorch fit` file translated), overrides applied."""
     raw: dict[str, Any] = read_yaml(path) if path is not None else {}
-    from trainer.terratorch_compat import is_lightning_config, from_lightning_config
+    from trainer.terratorch_compat import from_lightning_config, is_lightning_config, split_overrides
 
+    overrides = list(overrides or [])
     if is_lightning_config(raw):
-        raw = from_lightning_config(raw, source=str(path))
-    return apply_overrides(raw, list(overrides or []))
+        # `trainer.max_epochs=2`, `model.init_args.loss=dice`: the LightningCLI file's own keys, before translation
+        theirs, overrides = split_overrides(overrides)
+        raw = from_lightning_config(apply_overrides(raw, theirs), source=str(path))
+    return apply_overrides(raw, overrides)
 
 
 def _missing_model(raw: dict[str, Any]) -> list[str]:
     # The defaults alone are not a model (a ViT backbone needs necks): a file must say what it trains.
-    if raw.get("model") is None:
+    if raw.get("model") is None and raw.get("terratorch") is None:
         raw.pop("model", None)
         return ["model: section missing; name at least model.backbone (and its necks/decoder), "
                 "as in launch/configs/demo.yaml"]

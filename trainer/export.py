@@ -61,7 +61,7 @@ def merged_model(trained: nn.Module) -> nn.Module:
 
 def stats_file(exp: Experiment) -> Path | None:
     """The normalization stats the job trained with (predict needs the same ones)."""
-    if exp.data.kind == "terratorch":
+    if exp.data.kind == "terratorch" or exp.terratorch is not None:
         return None
     path = Path(exp.data.stats) if exp.data.stats else Path(exp.data.root) / "stats.json"
     return path if path.is_file() else None

@@ -89,14 +89,26 @@ def dequantize_linears(module: nn.Module) -> int:
     return count
 
 
-def add_lora(model: nn.Module, profile: Profile) -> None:
+def _get(model: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def _set(model: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(model, parent) if parent else model, name, value)
+
+
+def add_lora(model: nn.Module, profile: Profile, encoder_path: str = "encoder") -> None:
     from peft import LoraConfig, get_peft_model
 
-    targets = lora_targets(model.encoder, profile)
+    encoder = _get(model, encoder_path)
+    targets = lora_targets(encoder, profile)
     cfg = LoraConfig(r=profile.lora.rank, lora_alpha=profile.lora.alpha, lora_dropout=profile.lora.dropout,
                      target_modules=targets, bias="none")
     try:
-        model.encoder = get_peft_model(model.encoder, cfg)
+        _set(model, encoder_path, get_peft_model(encoder, cfg))
     except ValueError as e:  # peft: "Target modules ... not found in the base model"
         raise ConfigError([f"memory.lora.target_modules: {targets} match no layer of the backbone ({e}); "
                            "name module suffixes that exist, e.g. attn.qkv"]) from e
@@ -154,18 +166,20 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
-def apply_profile(model: nn.Module, profile: Profile, compute_dtype: torch.dtype, zero_stage: int) -> nn.Module:
+def apply_profile(model: nn.Module, profile: Profile, compute_dtype: torch.dtype, zero_stage: int,
+                  encoder_path: str = "encoder") -> nn.Module:
+    """`encoder_path`: where the backbone sits (TerraTorch's SMP models: smp_model.encoder)."""
     if profile.quantization != "none":
         # ZeRO-3 flattens parameters by dtype: 4-bit storage must then share the compute dtype (peft docs).
         storage = compute_dtype if zero_stage == 3 else torch.uint8
         # layers a streamed checkpoint filled are quantized already (on arrival); this takes the rest
-        n = quantize_linears(model.encoder, profile.quantization, compute_dtype, storage)
+        n = quantize_linears(_get(model, encoder_path), profile.quantization, compute_dtype, storage)
         if n:
             log.info("quantized %d backbone linear layers to %s", n, profile.quantization)
     if profile.lora is not None:
-        add_lora(model, profile)
+        add_lora(model, profile, encoder_path)
     if profile.grad_checkpointing:
-        how = enable_grad_checkpointing(model.encoder)
+        how = enable_grad_checkpointing(_get(model, encoder_path))
         log.info("gradient checkpointing on the backbone (%s)", how)
     if zero_stage == 0 and compute_dtype != torch.float32:
         n = cast_frozen(model, compute_dtype)

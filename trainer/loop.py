@@ -102,6 +102,10 @@ class LoopParts:
     stop: StopRequest = field(default_factory=StopRequest)
     primary_metric: str = "loss"
     final_eval: bool = True  # evaluate (and checkpoint) at the last step, whatever the intervals
+    # TerraTorch tasks (trainer.terratorch_task.TaskSteps): the loss of a batch, and (loss, pred, target) in
+    # evaluation, computed by the task's own loss handler; None = loss_fn(postprocess(model(image)), mask)
+    batch_loss: Callable[[Any, dict], torch.Tensor] | None = None
+    eval_batch: Callable[[Any, dict], tuple] | None = None
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
@@ -129,11 +133,15 @@ def evaluate(parts: LoopParts) -> dict[str, float]:
     loss_sum, n = torch.zeros((), dtype=torch.float64), 0
     with torch.no_grad():
         for batch in parts.val_loader:
-            pred = parts.postprocess(_forward(parts, batch).float())
-            loss = parts.loss_fn(pred, batch["mask"])
+            if parts.eval_batch is not None:
+                loss, pred, target = parts.eval_batch(model, batch)
+            else:
+                pred = parts.postprocess(_forward(parts, batch).float())
+                target = batch["mask"]
+                loss = parts.loss_fn(pred, target)
             loss_sum += acc.reduce(loss.detach().float(), reduction="mean").double().cpu()
             n += 1
-            pred, target = acc.gather_for_metrics((pred, batch["mask"]))
+            pred, target = acc.gather_for_metrics((pred, target))
             parts.metrics.update(pred.cpu(), target.cpu())
     model.train()
     out = {"loss": float(loss_sum / max(n, 1))}
@@ -161,7 +169,10 @@ def train(parts: LoopParts, progress: Progress) -> tuple[Progress, bool]:
                 batch = next(batches)
                 with acc.accumulate(parts.model):
                     # the loss sees what the metrics see (regression: the sigmoid-bounded coherence)
-                    loss = parts.loss_fn(parts.postprocess(_forward(parts, batch).float()), batch["mask"])
+                    if parts.batch_loss is not None:
+                        loss = parts.batch_loss(parts.model, batch)
+                    else:
+                        loss = parts.loss_fn(parts.postprocess(_forward(parts, batch).float()), batch["mask"])
                     acc.backward(loss)
                     if acc.sync_gradients and run.grad_clip and not acc.distributed_type == "DEEPSPEED":
                         acc.clip_grad_norm_(parts.model.parameters(), run.grad_clip)
@@ -172,7 +183,8 @@ def train(parts: LoopParts, progress: Progress) -> tuple[Progress, bool]:
                 parts.scheduler.step()
             progress.step += 1
             progress.batch_in_epoch += gas
-            progress.samples_seen += gas * batch["image"].shape[0] * acc.num_processes
+            # mask, not image: a multimodal batch's image is a dict of modalities
+            progress.samples_seen += gas * batch["mask"].shape[0] * acc.num_processes
             bar.update(1)
 
             if progress.step % run.log_every == 0 or progress.step == parts.total:

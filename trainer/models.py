@@ -51,6 +51,10 @@ def factory_kwargs(exp: Experiment, ours: set[str]) -> dict[str, Any]:
 def build_model(exp: Experiment, spec=None) -> nn.Module:
     """`spec` (trainer.backbones.stream.LoadSpec): how a `pretrained_path` checkpoint is placed (dtype, device,
     quantization on arrival, ZeRO-3 partitions); None loads in fp32 on the CPU."""
+    if exp.terratorch is not None:  # a `terratorch fit` file: its task's model, built by TerraTorch
+        from trainer.terratorch_task import build_task_model
+
+        return build_task_model(exp)
     from terratorch.models import EncoderDecoderFactory
     from terratorch.registry import BACKBONE_REGISTRY
 

@@ -175,6 +175,9 @@ class Job:
     per_epoch: int
     total: int
     auto_choice: Any = None  # trainer.memory.auto.AutoChoice when the config said memory.profile: auto
+    # a `terratorch fit` file (trainer.terratorch_run): the task's training/validation step and its metrics
+    task_steps: Any = None
+    task_metrics: Any = None
 
     @property
     def frozen_excluded(self) -> bool:
@@ -218,6 +221,10 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
 
     `memory.profile: auto` is replaced by the planner's choice (kept from the job's frozen config when
     `resuming`); `Job.exp` is the experiment as run, with the concrete profile."""
+    if exp.terratorch is not None:  # TerraTorch builds task, model, loss, metrics and datamodule
+        from trainer.terratorch_run import setup as terratorch_setup
+
+        return terratorch_setup(exp, universal=universal, resuming=resuming)
     from accelerate.utils import set_seed
 
     from trainer.data import build_datasets
@@ -297,11 +304,27 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
                train_loader, val_loader, sampler, train_ds, val_ds, per_epoch, total, auto_choice)
 
 
+def primary_metric(job: Job) -> str:
+    if job.task_steps is not None:
+        from trainer.terratorch_task import PRIMARY_METRIC as TERRATORCH_PRIMARY
+
+        return TERRATORCH_PRIMARY[job.exp.task.name]
+    return PRIMARY_METRIC[job.exp.task.name]
+
+
 def loop_parts(job: Job, on_log, on_checkpoint, stop: StopRequest):
     from trainer.loop import LoopParts
     from trainer.tasks import MetricSuite, build_loss, postprocess
 
     task = job.exp.task
+    if job.task_steps is not None:
+        return LoopParts(
+            accelerator=job.accelerator, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
+            scheduler_in_engine=False, train_loader=job.train_loader, val_loader=job.val_loader, sampler=job.sampler,
+            train_dataset=job.train_ds, loss_fn=None, metrics=job.task_metrics, postprocess=lambda raw: raw,
+            input_dtype=job.input_dtype, run=job.exp.run, per_epoch=job.per_epoch, total=job.total, on_log=on_log,
+            on_checkpoint=on_checkpoint, stop=stop, primary_metric=primary_metric(job),
+            batch_loss=job.task_steps.train_loss, eval_batch=job.task_steps.eval_batch)
     return LoopParts(
         accelerator=job.accelerator, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
         scheduler_in_engine=job.scheduler_in_engine, train_loader=job.train_loader, val_loader=job.val_loader,
@@ -348,9 +371,11 @@ def main(exp: Experiment, stop: StopRequest | None = None) -> int:
     trackers, _ = select_trackers(exp.run.trackers)
     accelerator.init_trackers(exp.name, config=hparams(exp.model_dump(mode="json")),
                               init_kwargs=init_kwargs(trackers, exp.name, job_dir))
-    primary = PRIMARY_METRIC[exp.task.name]
+    primary = primary_metric(job)
 
     def on_log(record: dict) -> None:
+        if hasattr(own_scheduler, "observe"):  # a TerraTorch ReduceLROnPlateau reads the validation metrics
+            own_scheduler.observe(record)
         metrics_log.append(record)
         accelerator.log({f"{record['split']}/{k}": v for k, v in record.items()
                          if isinstance(v, (int, float)) and k not in ("step", "split")}, step=record["step"])
@@ -367,7 +392,7 @@ def main(exp: Experiment, stop: StopRequest | None = None) -> int:
                     progress.step)
     elif exp.checkpoint.export:
         out = export_job(accelerator, job.model, exp, job.profile, job.zero_stage, job_dir / "export",
-                         {"backbone": exp.model.backbone, "step": progress.step, "task": exp.task.name,
+                         {"backbone": backbone_name(exp), "step": progress.step, "task": exp.task.name,
                           "profile": job.profile.name})
         if out:
             log.info("exported weights to %s (%s)", out, ", ".join(sorted(p.name for p in out.iterdir())))
@@ -375,6 +400,13 @@ def main(exp: Experiment, stop: StopRequest | None = None) -> int:
     if lock is not None:
         lock.release()
     return 0
+
+
+def backbone_name(exp: Experiment) -> str:
+    if exp.terratorch is None:
+        return exp.model.backbone
+    init = exp.terratorch.config["model"].get("init_args") or {}
+    return str((init.get("model_args") or {}).get("backbone", "terratorch"))
 
 
 def write_load_report(job_dir: Path, model) -> None:

@@ -231,7 +231,12 @@ def load_checked(path: str | Path | None, overrides: list[str] | None = None) ->
     if issues:  # reported before the TerraTorch import (12-36 s): most mistakes exit in a few seconds
         raise ConfigError(issues, source=source)
     task = _section(raw, "task").get("name", "segmentation")
-    issues += check_model(_section(raw, "model"), task if isinstance(task, str) else "segmentation")
+    if raw.get("terratorch") is None:  # a `terratorch fit` file: TerraTorch's own parser checks its model section
+        issues += check_model(_section(raw, "model"), task if isinstance(task, str) else "segmentation")
+    else:  # TerraTorch's own parser reads it now, not after the accelerator is up
+        from trainer.terratorch_task import check
+
+        issues += check(exp.terratorch, exp.run.seed)
     if issues:
         raise ConfigError(issues, source=source)
     return exp
