@@ -17,11 +17,13 @@ class ConfigError(TerrascaleError):
 
     exit_code = 2
 
-    def __init__(self, issues: list[str] | str, source: str | None = None):
+    def __init__(self, issues: list[str] | str, source: str | None = None, note: str | None = None):
         self.issues = [issues] if isinstance(issues, str) else list(issues)
         self.source = source
         where = f" in {source}" if source else ""
         lines = [f"{len(self.issues)} problem(s){where}:"] + [f"  - {i}" for i in self.issues]
+        if note:
+            lines.append(note)
         super().__init__("\n".join(lines))
 
 

@@ -63,16 +63,25 @@ def test_resume_true_is_refused():
 
 
 def test_cli_prints_all_problems_and_exits_2(tmp_path):
-    # pure problems and a registry one (the backbone's real constructor has no img_sz) in one report
+    # two rounds, each complete: the pure problems (no TerraTorch import, seconds), then the registry ones (the
+    # backbone's real constructor has no img_sz) once the pure ones are fixed
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("optim: {lr: 0}\nrun: {max_step: 3}\nmodel: {backbone: prithvi_eo_tiny}\n")
-    r = run_python([DEMO_CONFIG.parents[2] / "launch" / "train.py", "--config", cfg, "data.num_workrs=1",
-                    "model.backbone_kwargs.img_sz=64", f"checkpoint.dir={tmp_path / 'job'}"], cwd=Path.cwd(), timeout=300)
+    train = DEMO_CONFIG.parents[2] / "launch" / "train.py"
+    r = run_python([train, "--config", cfg, "data.num_workrs=1", "model.backbone_kwargs.img_sz=64",
+                    f"checkpoint.dir={tmp_path / 'job'}"], cwd=Path.cwd(), timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
-    assert "4 problem(s)" in r.stderr
+    assert "3 problem(s)" in r.stderr
     assert "run.max_step: unknown key; did you mean 'run.max_steps'?" in r.stderr
     assert "data.num_workrs: unknown key; did you mean 'data.num_workers'?" in r.stderr
+    assert "optim.lr" in r.stderr and "checked against TerraTorch's registries" in r.stderr
+    assert "img_sz" not in r.stderr
+    cfg.write_text("optim: {lr: 0.001}\nrun: {max_steps: 3}\nmodel: {backbone: prithvi_eo_tiny}\n")
+    r = run_python([train, "--config", cfg, "model.backbone_kwargs.img_sz=64", f"checkpoint.dir={tmp_path / 'job'}"],
+                   cwd=Path.cwd(), timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "1 problem(s)" in r.stderr
     assert "model.backbone_kwargs.img_sz: not an argument of TerraTorch's prithvi_eo_tiny; did you mean " \
            "'model.backbone_kwargs.img_size'?" in r.stderr
     assert not (tmp_path / "job").exists()  # refused before anything started
