@@ -123,23 +123,12 @@ def _bnb_modules(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
 
 
-def dequantized_weight(m: nn.Module) -> torch.Tensor:
-    import bitsandbytes as bnb
-
-    if isinstance(m, bnb.nn.Linear4bit):
-        data, state = m.weight.data, m.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            # an eval forward on an AVX512-bf16 CPU repacked the weight for its kernel (bitsandbytes does so in
-            # place); undo it on a copy, as bitsandbytes' own state_dict does
-            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
-        return bnb.functional.dequantize_4bit(data, state)
-    return m.weight.data.float() * m.weight.SCB.float().unsqueeze(1) / 127.0
-
-
 def split_lora_state(state: dict[str, torch.Tensor], model: nn.Module | None, base: set[str]):
     """(adapter state relative to the encoder, the rest under plain names). The rest leaves out what `base` holds
     and adapter weights; a 4-bit/8-bit layer the base does not hold is stored dequantized (its packed form
     cannot be loaded back without bitsandbytes' quant state)."""
+    from trainer.fitting import dequantized_weight
+
     bnb = _bnb_modules(model) if model is not None else {}
     adapter, rest = {}, {}
     for key, value in state.items():

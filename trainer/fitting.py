@@ -68,6 +68,22 @@ def quantize_linears(encoder: nn.Module, kind: str, compute_dtype: torch.dtype,
     return len(layers)
 
 
+def dequantized_weight(m: nn.Module) -> torch.Tensor:
+    """The weight of a bitsandbytes Linear4bit/Linear8bitLt, dequantized (the module is untouched)."""
+    import copy
+
+    import bitsandbytes as bnb
+
+    if isinstance(m, bnb.nn.Linear4bit):
+        data, state = m.weight.data, m.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # an eval forward on an AVX512-bf16 CPU repacked the weight for its kernel (bitsandbytes does so in
+            # place); undo it on a copy, as bitsandbytes' own state_dict does
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        return bnb.functional.dequantize_4bit(data, state)
+    return m.weight.data.float() * m.weight.SCB.float().unsqueeze(1) / 127.0
+
+
 def dequantize_linears(module: nn.Module) -> int:
     """Inverse of `quantize_linears` (for merged exports): bitsandbytes layers back to `nn.Linear`."""
     import bitsandbytes as bnb
@@ -75,10 +91,7 @@ def dequantize_linears(module: nn.Module) -> int:
     count = 0
     for name, m in list(module.named_modules()):
         if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-            if isinstance(m, bnb.nn.Linear4bit):
-                w = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
-            else:
-                w = (m.weight.data.float() * m.weight.SCB.float().unsqueeze(1) / 127.0)
+            w = dequantized_weight(m).float()
             lin = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
             lin.weight.data.copy_(w)
             if m.bias is not None:

@@ -30,7 +30,7 @@ Entry = tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]
 
 
 def _linear_entries(name: str, module: nn.Module) -> list[Entry]:
-    from trainer.export import dequantized_weight
+    from trainer.fitting import dequantized_weight
 
     base = getattr(module, "base_layer", module)
     is_bnb = type(base).__module__.startswith("bitsandbytes")
