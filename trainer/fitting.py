@@ -18,6 +18,7 @@ import logging
 import torch
 from torch import nn
 
+from trainer.backbones.stream import training_numerics
 from trainer.errors import ConfigError
 from trainer.memory.profiles import Profile
 
@@ -52,6 +53,7 @@ def quantize_linears(encoder: nn.Module, kind: str, compute_dtype: torch.dtype,
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
                                   quant_storage=quant_storage, device="meta")
+            training_numerics(q)
             # quantized from the compute dtype (no fp32 copy of the layer on a bf16 run)
             q.weight = bnb.nn.Params4bit(lin.weight.data.to(compute_dtype), requires_grad=False,
                                          compress_statistics=True, quant_type="nf4", quant_storage=quant_storage)

@@ -194,17 +194,18 @@ def load_for_inference(export: Path, precision: str | None = None, device: str |
 
 
 def _guard_cpu_packing(model: nn.Module) -> int:
-    """bitsandbytes repacks a 4-bit weight for its AVX512-bf16 CPU kernel on the first eval forward, which fails for
-    layers narrower than one quantization block per row (tiny test models); those keep the generic kernel."""
+    """Prediction may use bitsandbytes' AVX512-bf16 CPU kernel (training keeps it off: `fitting.training_numerics`):
+    on for the 4-bit layers it can take (at least one quantization block per row; tiny test models' narrower layers
+    fail in it), off for the rest. Returns how many layers use it."""
     import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16  # bitsandbytes' own probe
 
     count = 0
     for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False):
+        if isinstance(m, bnb.nn.Linear4bit):
             qs = m.weight.quant_state
-            if qs is None or m.in_features % qs.blocksize:
-                m.support_avx512bf16_for_cpu = False
-                count += 1
+            m.support_avx512bf16_for_cpu = bool(has_avx512bf16() and qs is not None and not m.in_features % qs.blocksize)
+            count += m.support_avx512bf16_for_cpu
     return count
 
 

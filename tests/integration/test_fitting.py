@@ -120,6 +120,8 @@ def test_merged_export_reproduces_trained_outputs(name, tmp_path):
     lora_b = [q for n, q in model.named_parameters() if "lora_B" in n]
     assert any(q.abs().sum() > 0 for q in lora_b), "LoRA B stayed zero: adapters did not train"
     model.eval()
+    with torch.no_grad():  # an eval forward (validation): must not change the model (bitsandbytes' AVX512-bf16
+        model(x)           # CPU kernel would repack 4-bit weights in place, absmax rounded to bf16)
     with torch.no_grad():
         want = model_output(model(x))
     (tmp_path / "export").mkdir()

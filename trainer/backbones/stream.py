@@ -153,6 +153,16 @@ class StreamStats:
     params: int = 0
 
 
+
+def training_numerics(q: nn.Module) -> nn.Module:
+    """Keep a Linear4bit on the kernel training uses. On an AVX512-bf16 CPU, bitsandbytes repacks a 4-bit weight in
+    place at its first inference forward (eval + no grad: every validation), rounding its absmax to bf16 for good;
+    training then goes on with another model, and merges and resumes differ. Prediction opts back in
+    (`trainer.inference`). Used wherever terrascale makes a Linear4bit (`fitting.quantize_linears` too)."""
+    q.support_avx512bf16_for_cpu = False
+    return q
+
+
 class _Placer:
     """Puts one tensor into the model: dtype, device, quantization or ZeRO-3 partition."""
 
@@ -203,6 +213,7 @@ class _Placer:
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=spec.compute_dtype,
                                   compress_statistics=True, quant_type="nf4", quant_storage=spec.quant_storage,
                                   device="meta")
+            training_numerics(q)
             # bitsandbytes quantizes from the tensor's own dtype: hand it the compute dtype, never fp32 on a GPU
             q.weight = bnb.nn.Params4bit(weight.to(spec.compute_dtype), requires_grad=False, compress_statistics=True,
                                          quant_type="nf4", quant_storage=spec.quant_storage, module=q)
