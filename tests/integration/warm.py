@@ -253,6 +253,11 @@ class _Zygote:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self._ready:  # a failed zygote keeps its log for the message that named it
+            import shutil
+
+            self.log.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 _zygotes: dict[str, _Zygote] = {}
