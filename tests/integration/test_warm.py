@@ -74,3 +74,18 @@ def test_warm_and_real_training_runs_are_equal(tmp_path):
     assert strip(metrics(tmp_path / "warm")) == strip(metrics(tmp_path / "real"))
     a, b = load_export(tmp_path / "warm"), load_export(tmp_path / "real")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_zygote_whose_socket_was_removed_is_replaced_aloud(tmp_path, capsys):
+    """Seen in CI: another process cleaned /tmp under a running session, and every later warm launch failed."""
+    import shutil
+
+    e = {**env(), "WARM_PROBE": "socket removed"}  # its own zygote: the session's stays untouched
+    cmd = [sys.executable, str(PROBE), "5"]
+    assert warm.run(cmd, tmp_path, e, timeout=300).returncode == 5
+    old = warm._zygotes[warm._key(e)]
+    shutil.rmtree(old.dir)
+    again = warm.run(cmd, tmp_path, e, timeout=300)
+    assert again is not None and again.returncode == 5
+    assert warm._zygotes[warm._key(e)] is not old and old.proc.poll() is not None
+    assert "starting a new one" in capsys.readouterr().err

@@ -269,6 +269,12 @@ def _key(env: dict[str, str]) -> str:
 
 def zygote(env: dict[str, str]) -> _Zygote | None:
     z = _zygotes.get(k := _key(env))
+    if z is not None and z._ready and (z.proc.poll() is not None or not os.path.exists(z.sock)):
+        # died, or its socket was removed under it (a /tmp clean-up by another process): a new one, said aloud
+        print(f"[warm] zygote {z.proc.pid} gone (exit {z.proc.poll()}, socket {z.sock} "
+              f"{'present' if os.path.exists(z.sock) else 'missing'}): starting a new one", file=sys.stderr)
+        z.close()
+        z = None
     if z is None:
         z = _zygotes[k] = _Zygote(env)
     return z if z.wait_ready() else None
