@@ -46,17 +46,12 @@ QUICK = ["data.synthetic.n_train=8", "data.synthetic.n_val=2", "data.batch_size=
 
 
 def predict_windows(job: Path, scene: Path, out: Path, *, tile: int, batch: int, precision: str = "fp32") -> int:
-    """The one call into the prediction API; returns the number of windows predicted.
-
-    Today's `trainer.predict.predict_scene` predicts the job's exported model as saved (fp32 on a CPU run); when
-    prediction takes `precision` (nf4/int8/bf16/fp32 from the original checkpoint), pass it through here."""
-    from trainer.errors import ConfigError
+    """The one call into the prediction API (`trainer.predict.predict_scene`: the job's model as trained, its base
+    streamed at `precision`, nf4/int8/bf16/fp32); returns the number of windows predicted."""
     from trainer.predict import predict_scene
 
-    if precision != "fp32":
-        raise ConfigError([f"--precision {precision}: this build's predict runs the exported model as saved "
-                           "(fp32 on a CPU host); use --precision fp32"])
-    return predict_scene(job, [scene], out, tile=tile, overlap=0, batch_size=batch, quicklook=None).windows
+    return predict_scene(job, [scene], out, tile=tile, overlap=0, batch_size=batch, quicklook=None,
+                         precision=precision).windows
 
 
 def write_scene(path: Path, bands: int, height: int, width: int, seed: int = 0) -> Path:
