@@ -18,7 +18,7 @@ import copy
 import pytest
 import torch
 
-from trainer.backbones import catalog
+from tests.small_models import small_internvl
 from trainer.config import build_experiment
 from trainer.memory import planner
 from trainer.memory import workload as wl
@@ -47,17 +47,7 @@ def _experiment(precision: str = "fp32"):
 
 
 def _small_internvl():
-    """InternVL2.5's architecture (InternViT + Qwen2 LM, same flavour switches) at a CPU-friendly size, deeper
-    than the 2 and 4 layers the planner traces."""
-    cfg = catalog.tiny_config("internvl2_5_4b")
-    v, t = cfg.vision_config, cfg.text_config
-    v.hidden_size, v.intermediate_size, v.num_attention_heads, v.num_hidden_layers = 96, 384, 4, 7
-    t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads = 96, 256, 4, 2
-    wl._set_layers(t, 6)
-    t.head_dim = 24
-    kwargs = {"mode": "full", "in_channels": BANDS, "image_size": TILE}
-    spec = {"backbone": "validation-internvl", "config": cfg.to_dict(), "kwargs": kwargs}
-    return wl.OwnBackbone(catalog.get("internvl2_5_4b"), kwargs, spec, config_value=cfg)
+    return small_internvl("validation-internvl", BANDS, TILE)
 
 
 @pytest.fixture(scope="module")

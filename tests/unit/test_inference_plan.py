@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.backbones import catalog
+from tests.small_models import small_internvl
 from trainer.config import build_experiment
 from trainer.memory import head as head_mod
 from trainer.memory import workload as wl
@@ -55,15 +55,7 @@ def _experiment():
 
 
 def _small_internvl():
-    cfg = catalog.tiny_config("internvl2_5_4b")
-    v, t = cfg.vision_config, cfg.text_config
-    v.hidden_size, v.intermediate_size, v.num_attention_heads, v.num_hidden_layers = 96, 384, 4, 7
-    t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads = 96, 256, 4, 2
-    wl._set_layers(t, 6)
-    t.head_dim = 24
-    kwargs = {"mode": "full", "in_channels": BANDS, "image_size": TILE}
-    spec = {"backbone": "inference-validation-internvl", "config": cfg.to_dict(), "kwargs": kwargs}
-    return wl.OwnBackbone(catalog.get("internvl2_5_4b"), kwargs, spec, config_value=cfg)
+    return small_internvl("inference-validation-internvl", BANDS, TILE)
 
 
 @pytest.fixture(scope="module")
