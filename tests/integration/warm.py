@@ -67,15 +67,27 @@ def _threads() -> list[str]:
     return names
 
 
-def _fresh_state() -> None:
-    """What a new interpreter starts with: default signal dispositions, fresh RNGs."""
+INHERITED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+             signal.SIGALRM)
+
+
+def ignored_by_caller() -> list[int]:
+    """Signals this process ignores: a child it exec'd would inherit SIG_IGN for them (e.g. SIGINT under `cmd &`
+    in a non-interactive shell, where CPython then installs no KeyboardInterrupt handler either)."""
+    return [int(s) for s in INHERITED if signal.getsignal(s) == signal.SIG_IGN]
+
+
+def _fresh_state(ignored: list[int]) -> None:
+    """What a new interpreter exec'd by the caller starts with: default signal dispositions except those the caller
+    ignores, fresh RNGs."""
     import random
 
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD,
-                signal.SIGPIPE, signal.SIGALRM):
+    for sig in (*INHERITED, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # CPython ignores SIGPIPE at start-up
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in ignored:
+        signal.signal(sig, signal.SIG_IGN)
     random.seed()
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
@@ -108,7 +120,7 @@ def _child(req: dict, fds: list[int]) -> None:
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
-        _fresh_state()
+        _fresh_state(req.get("ignored", []))
         import runpy
 
         if req["argv"][1] == "-m":  # `python -m pkg args`: argv[0] becomes the module's file, sys.path[0] the cwd
@@ -308,7 +320,8 @@ def run(argv: list[str], cwd: str | Path, env: dict[str, str], timeout: float | 
     devnull = os.open(os.devnull, os.O_RDONLY)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(z.sock)
-    req = json.dumps({"argv": [str(a) for a in argv], "cwd": str(cwd), "env": env}).encode() + b"\n"
+    req = json.dumps({"argv": [str(a) for a in argv], "cwd": str(cwd), "env": env,
+                      "ignored": ignored_by_caller()}).encode() + b"\n"
     socket.send_fds(conn, [req], [devnull, out_w, err_w])
     for fd in (devnull, out_w, err_w):
         os.close(fd)
