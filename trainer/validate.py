@@ -234,10 +234,9 @@ def load_checked(path: str | Path | None, overrides: list[str] | None = None) ->
     issues += check_resume(_section(raw, "checkpoint"))
     if issues:  # reported before the TerraTorch import (12-36 s): most mistakes exit in a few seconds
         raise ConfigError(issues, source=source, note=LATER)
-    task = _section(raw, "task").get("name", "segmentation")
-    if raw.get("terratorch") is None:  # a `terratorch fit` file: TerraTorch's own parser checks its model section
-        issues += check_model(_section(raw, "model"), task if isinstance(task, str) else "segmentation")
-    else:  # TerraTorch's own parser reads it now, not after the accelerator is up
+    if exp.terratorch is None:
+        issues += check_model(_section(raw, "model"), exp.task.name)
+    else:  # a `terratorch fit` file: TerraTorch's own parser checks it now, not after the accelerator is up
         from trainer.terratorch_task import check
 
         issues += check(exp.terratorch, exp.run.seed)
