@@ -25,18 +25,14 @@ log = logging.getLogger(__name__)
 
 def _plain_loop(job, steps: int) -> float:
     """The loop a user would write from Accelerate's docs."""
-    from trainer.models import model_output
-    from trainer.tasks import build_loss, postprocess
-
     acc, model, opt, sched = job.accelerator, job.model, job.optimizer, job.scheduler
-    loss_fn = build_loss(job.exp.task)
+    batch_loss = job.task_steps.train_loss  # the task's own loss, as the loop computes it
     done = 0
     t0 = time.perf_counter()
     while done < steps:
         for batch in job.train_loader:
             with acc.accumulate(model):
-                out = model_output(model(batch["image"].to(job.input_dtype)))
-                loss = loss_fn(postprocess(job.exp.task, out.float()), batch["mask"])
+                loss = batch_loss(model, batch)
                 acc.backward(loss)
                 opt.step()
                 if not job.scheduler_in_engine:

@@ -47,12 +47,29 @@ class ModelConfig(_Closed):
         return self
 
 
+# TerraTorch's loss names per task (its segmentation and regression tasks' `init_loss`), plus two spellings of
+# earlier terrascale releases; trainer.tasks hands them to TerraTorch's task.
+CLASSIFICATION_LOSSES = ("ce", "dice", "focal", "jaccard", "lovasz")
+REGRESSION_LOSSES = ("mse", "rmse", "mae", "huber")
+LOSS_ALIASES: dict[str, str | list[str]] = {"ce_dice": ["ce", "dice"], "l1": "mae"}
+
+
+def loss_names(loss: str | list[str] | dict[str, float]) -> list[str]:
+    """The loss names a `task.loss` value names (a name, a list or a {name: weight} dict), aliases resolved."""
+    names: list[str] = []
+    for name in ([loss] if isinstance(loss, str) else list(loss)):
+        alias = LOSS_ALIASES.get(name, name)
+        names.extend([alias] if isinstance(alias, str) else alias)
+    return names
+
+
 class TaskConfig(_Closed):
     name: Literal["segmentation", "regression", "change_detection"] = "segmentation"
     num_classes: int = Field(2, ge=1, le=65536)
     # TerraTorch's losses crash on ignore_index=None: keep an integer that never occurs as a class.
     ignore_index: int = -1
-    loss: Literal["ce", "dice", "ce_dice", "focal", "mse", "l1", "huber"] = "ce"
+    # a TerraTorch loss name, a list of them (summed) or a {name: weight} dict (weighted sum)
+    loss: str | list[str] | dict[str, float] = "ce"
     class_weights: list[float] | None = None
     # change_detection only (trainer/temporal.py); None = the default: diff fusion over 2 dates
     fusion: Literal["diff", "concat", "native"] | None = None
@@ -65,6 +82,37 @@ class TaskConfig(_Closed):
                 f"task.class_weights has {len(self.class_weights)} entries but task.num_classes is "
                 f"{self.num_classes}: give one weight per class"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _loss_fits_task(self) -> "TaskConfig":
+        regression = self.name == "regression"
+        allowed = REGRESSION_LOSSES if regression else CLASSIFICATION_LOSSES
+        other = CLASSIFICATION_LOSSES if regression else REGRESSION_LOSSES
+        names = loss_names(self.loss)
+        problems = []
+        if not names:
+            problems.append("task.loss is empty: name one loss, e.g. " + allowed[0])
+        for name in names:
+            if name not in allowed:
+                kind = ("a classification loss" if regression else "a regression loss") if name in other else \
+                    "not a TerraTorch loss"
+                problems.append(f"task.loss: {name!r} is {kind} for task.name={self.name}: use one of "
+                                f"{', '.join(allowed)}, a list of them or a {{name: weight}} dict")
+        if not regression and self.class_weights is not None and "ce" not in names:
+            problems.append(f"task.class_weights weigh the cross-entropy term, but task.loss={self.loss!r} has none "
+                            "(TerraTorch's dice/focal/jaccard/lovasz take no class weights): add ce or drop the weights")
+        if "huber" in names and not (isinstance(self.loss, str) and names == ["huber"]):
+            problems.append("task.loss: huber alone has terrascale's delta of 0.1; in a list or dict TerraTorch's "
+                            "would use torch's 1.0 (half the MSE on [0, 1] targets): use huber alone, or mse/mae")
+        if regression and "rmse" in names:
+            problems.append("task.loss: TerraTorch 1.2.11's rmse loss is the fourth root of the MSE (its RootLossWrapper "
+                            "is applied twice); use mse (the same minimum) in a native config")
+        if "jaccard" in names:
+            problems.append("task.loss: TerraTorch's jaccard loss takes no ignore_index, and a native task always "
+                            "has one (task.ignore_index): use dice or lovasz")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ from torch.utils.data import Sampler
 
 from trainer.checkpoint import Progress, StopRequest
 from trainer.config import RunConfig
+from trainer.sweep_summary import PER_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,11 @@ class LoopParts:
     val_loader: Any
     sampler: EpochSampler
     train_dataset: Any
-    loss_fn: Callable
-    metrics: Any  # trainer.tasks.MetricSuite
-    postprocess: Callable  # raw model output -> predictions for the metrics
-    input_dtype: torch.dtype
+    metrics: Any  # trainer.terratorch_task.TaskMetrics: the task's validation metrics
+    # the TerraTorch task's steps (trainer.terratorch_task.TaskSteps): the loss of a batch, and (loss, pred,
+    # target) in evaluation, computed by the task's own loss handler
+    batch_loss: Callable[[Any, dict], torch.Tensor]
+    eval_batch: Callable[[Any, dict], tuple]
     run: RunConfig
     per_epoch: int
     total: int
@@ -102,10 +104,6 @@ class LoopParts:
     stop: StopRequest = field(default_factory=StopRequest)
     primary_metric: str = "loss"
     final_eval: bool = True  # evaluate (and checkpoint) at the last step, whatever the intervals
-    # TerraTorch tasks (trainer.terratorch_task.TaskSteps): the loss of a batch, and (loss, pred, target) in
-    # evaluation, computed by the task's own loss handler; None = loss_fn(postprocess(model(image)), mask)
-    batch_loss: Callable[[Any, dict], torch.Tensor] | None = None
-    eval_batch: Callable[[Any, dict], tuple] | None = None
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
@@ -118,13 +116,6 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return out
 
 
-def _forward(parts: LoopParts, batch: dict) -> torch.Tensor:
-    from trainer.models import model_output
-
-    image = batch["image"].to(parts.input_dtype)
-    return model_output(parts.model(image))
-
-
 def evaluate(parts: LoopParts) -> dict[str, float]:
     """All ranks run it (ZeRO-3 gathers parameters collectively); metrics see the gathered predictions."""
     acc, model = parts.accelerator, parts.model
@@ -133,12 +124,7 @@ def evaluate(parts: LoopParts) -> dict[str, float]:
     loss_sum, n = torch.zeros((), dtype=torch.float64), 0
     with torch.no_grad():
         for batch in parts.val_loader:
-            if parts.eval_batch is not None:
-                loss, pred, target = parts.eval_batch(model, batch)
-            else:
-                pred = parts.postprocess(_forward(parts, batch).float())
-                target = batch["mask"]
-                loss = parts.loss_fn(pred, target)
+            loss, pred, target = parts.eval_batch(model, batch)
             loss_sum += acc.reduce(loss.detach().float(), reduction="mean").double().cpu()
             n += 1
             pred, target = acc.gather_for_metrics((pred, target))
@@ -168,11 +154,7 @@ def train(parts: LoopParts, progress: Progress) -> tuple[Progress, bool]:
             for _ in range(gas):
                 batch = next(batches)
                 with acc.accumulate(parts.model):
-                    # the loss sees what the metrics see (regression: the sigmoid-bounded coherence)
-                    if parts.batch_loss is not None:
-                        loss = parts.batch_loss(parts.model, batch)
-                    else:
-                        loss = parts.loss_fn(parts.postprocess(_forward(parts, batch).float()), batch["mask"])
+                    loss = parts.batch_loss(parts.model, batch)
                     acc.backward(loss)
                     if acc.sync_gradients and run.grad_clip and not acc.distributed_type == "DEEPSPEED":
                         acc.clip_grad_norm_(parts.model.parameters(), run.grad_clip)
@@ -202,8 +184,7 @@ def train(parts: LoopParts, progress: Progress) -> tuple[Progress, bool]:
                 metrics = evaluate(parts)
                 parts.on_log({"split": "val", "step": progress.step, "epoch": progress.epoch, **metrics})
                 bar.write(f"step {progress.step}: val " + ", ".join(
-                    f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith(("f1_class", "precision_",
-                                                                                    "recall_"))))
+                    f"{k}={v:.4f}" for k, v in metrics.items() if not k.startswith(PER_CLASS)))
             stopped = parts.stop.agreed(acc) or (run.stop_at_step is not None and progress.step >= run.stop_at_step
                                                   and progress.step < parts.total)
             if progress.step % run.checkpoint_every == 0 or last or stopped:

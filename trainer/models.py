@@ -17,13 +17,15 @@ from trainer.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # TerraTorch's factory task name for each of our tasks.
-_FACTORY_TASK = {"segmentation": "segmentation", "change_detection": "segmentation", "regression": "regression"}
+FACTORY_TASK = {"segmentation": "segmentation", "change_detection": "segmentation", "regression": "regression"}
 
 
-def _register_ours() -> set[str]:
-    """Register terrascale's backbones into TerraTorch's registry; returns their names."""
+def register_ours() -> set[str]:
+    """Register terrascale's backbones and model factories into TerraTorch's registries; returns the backbones."""
     from trainer.backbones import register_all
+    from trainer.temporal import register_factory
 
+    register_factory()
     return set(register_all())
 
 
@@ -43,46 +45,24 @@ def factory_kwargs(exp: Experiment, ours: set[str]) -> dict[str, Any]:
     task = exp.task
     if task.name == "regression":
         kwargs["num_outputs"] = 1
+        # coherence lives in [0, 1]: the head ends in a sigmoid (a user's head_kwargs.final_act wins)
+        kwargs.setdefault("head_final_act", "torch.nn.Sigmoid")
     else:
         kwargs["num_classes"] = task.num_classes
     return kwargs
 
 
 def build_model(exp: Experiment, spec=None) -> nn.Module:
-    """`spec` (trainer.backbones.stream.LoadSpec): how a `pretrained_path` checkpoint is placed (dtype, device,
-    quantization on arrival, ZeRO-3 partitions); None loads in fp32 on the CPU."""
+    """The experiment's model as its TerraTorch task builds it (a `terratorch fit` file: its task; native: the task
+    trainer.tasks.build_task makes of it). `spec` (trainer.backbones.stream.LoadSpec): how a `pretrained_path`
+    checkpoint is placed (dtype, device, quantization on arrival, ZeRO-3 partitions); None loads fp32 on the CPU."""
     if exp.terratorch is not None:  # a `terratorch fit` file: its task's model, built by TerraTorch
         from trainer.terratorch_task import build_task_model
 
         return build_task_model(exp)
-    from terratorch.models import EncoderDecoderFactory
-    from terratorch.registry import BACKBONE_REGISTRY
+    from trainer.tasks import build_task
 
-    from trainer.backbones.stream import LoadSpec, loading_spec
-
-    ours = _register_ours()
-    if exp.model.backbone not in BACKBONE_REGISTRY:
-        raise ConfigError([f"model.backbone: {exp.model.backbone!r} is not in TerraTorch's backbone registry "
-                           "(check the spelling; e.g. prithvi_eo_tiny, prithvi_eo_v2_300, terramind_v1_base, "
-                           f"or one of terrascale's: {', '.join(sorted(ours)) or 'none installed'})"])
-    kwargs = factory_kwargs(exp, ours)
-    necks = [dict(n) for n in exp.model.necks] or None
-    backbone: str | nn.Module = exp.model.backbone
-    if exp.task.name == "change_detection":  # one encoder shared by every date, features fused (trainer.temporal)
-        from trainer.temporal import temporal_backbone
-
-        backbone, kwargs, necks = temporal_backbone(exp, kwargs, necks)
-    with loading_spec(spec or LoadSpec()):
-        model = EncoderDecoderFactory().build_model(
-            task=_FACTORY_TASK[exp.task.name], backbone=backbone, decoder=exp.model.decoder, necks=necks, **kwargs)
-    if exp.model.freeze_backbone:
-        for p in model.encoder.parameters():
-            p.requires_grad_(False)
-    n_all = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("model %s + %s: %.2fM parameters, %.2fM trainable", exp.model.backbone, exp.model.decoder,
-             n_all / 1e6, n_train / 1e6)
-    return model
+    return build_task(exp, spec).model
 
 
 def load_report(model: nn.Module):

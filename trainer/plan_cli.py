@@ -30,11 +30,11 @@ def terratorch_builders():
     def around(exp, backbone):
         from terratorch.models import EncoderDecoderFactory
 
-        from trainer.models import _FACTORY_TASK, _register_ours, factory_kwargs
+        from trainer.models import FACTORY_TASK, factory_kwargs, register_ours
 
-        kwargs = {k: v for k, v in factory_kwargs(exp, _register_ours()).items() if not k.startswith("backbone_")}
+        kwargs = {k: v for k, v in factory_kwargs(exp, register_ours()).items() if not k.startswith("backbone_")}
         necks = [dict(n) for n in exp.model.necks] or None
-        return EncoderDecoderFactory().build_model(task=_FACTORY_TASK[exp.task.name], backbone=backbone,
+        return EncoderDecoderFactory().build_model(task=FACTORY_TASK[exp.task.name], backbone=backbone,
                                                    decoder=exp.model.decoder, necks=necks, **kwargs)
 
     return Builders(full_model=full_model, around=around)

@@ -159,13 +159,13 @@ class _Reader:
 
 def _run(model, exp: Experiment, batch: list[np.ndarray], temporal: bool) -> np.ndarray:
     """Model outputs for a batch of windows: class probabilities [N, K, t, t] or coherence [N, 1, t, t]."""
-    from trainer.tasks import postprocess
+    from trainer.models import model_output
 
     x = torch.from_numpy(np.stack(batch))
     if not temporal:
         x = x[:, 0]
     with torch.inference_mode():
-        out = postprocess(exp.task, model(x)).float()
+        out = model_output(model(x)).float()  # regression: the head's sigmoid already bounds it
     out = out[:, None] if exp.task.name == "regression" else out.softmax(dim=1)
     return out.cpu().numpy()
 

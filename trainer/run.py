@@ -25,7 +25,6 @@ from trainer.universal import load_universal, needs_universal, with_load_univers
 log = logging.getLogger("terrascale")
 
 COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRIMARY_METRIC = {"segmentation": "miou", "change_detection": "f1", "regression": "rmse"}
 
 
 def resolve_precision(exp: Experiment, profile: Profile, has_cuda: bool) -> str:
@@ -175,7 +174,7 @@ class Job:
     per_epoch: int
     total: int
     auto_choice: Any = None  # trainer.memory.auto.AutoChoice when the config said memory.profile: auto
-    # a `terratorch fit` file (trainer.terratorch_run): the task's training/validation step and its metrics
+    # the TerraTorch task's training/validation step and its metrics (trainer.terratorch_task), both formats
     task_steps: Any = None
     task_metrics: Any = None
 
@@ -230,7 +229,8 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
     from trainer.data import build_datasets
     from trainer.loop import EpochSampler, steps_per_epoch, total_steps
     from trainer.fitting import apply_profile
-    from trainer.models import build_model
+    from trainer.tasks import build_task
+    from trainer.terratorch_task import TaskMetrics, TaskSteps
     from trainer.runtime import cuda_available, prepare_environment, setup_logging
 
     exp, auto_choice = resolve_auto(exp, resuming)
@@ -272,7 +272,8 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
 
     set_seed(exp.run.seed)
     spec = load_spec(exp, profile, precision, stage, has_cuda)
-    model = apply_profile(build_model(exp, spec), profile, COMPUTE_DTYPE[precision], stage)
+    task = build_task(exp, spec)  # TerraTorch's task: model (by its factory), criterion, metrics
+    model = task.model = apply_profile(task.model, profile, COMPUTE_DTYPE[precision], stage)
     if ds_config is not None and precision == "bf16":
         model = model.to(torch.bfloat16)  # DeepSpeed does not cast fp32 buffers (Prithvi pos_embed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -300,38 +301,28 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     if ds_config is None and has_frozen_parameters(model):
         accelerator.register_save_state_pre_hook(drop_frozen_weights)
-    return Job(exp, profile, precision, ds_config, accelerator, model, optimizer, scheduler, scheduler_in_engine,
-               train_loader, val_loader, sampler, train_ds, val_ds, per_epoch, total, auto_choice)
+    job = Job(exp, profile, precision, ds_config, accelerator, model, optimizer, scheduler, scheduler_in_engine,
+              train_loader, val_loader, sampler, train_ds, val_ds, per_epoch, total, auto_choice)
+    job.task_steps = TaskSteps(task, None, job.input_dtype)
+    job.task_metrics = TaskMetrics(task)
+    return job
 
 
 def primary_metric(job: Job) -> str:
-    if job.task_steps is not None:
-        from trainer.terratorch_task import PRIMARY_METRIC as TERRATORCH_PRIMARY
+    from trainer.terratorch_task import primary_metric as task_primary
 
-        return TERRATORCH_PRIMARY[job.exp.task.name]
-    return PRIMARY_METRIC[job.exp.task.name]
+    return task_primary(job.task_steps.task)
 
 
 def loop_parts(job: Job, on_log, on_checkpoint, stop: StopRequest):
     from trainer.loop import LoopParts
-    from trainer.tasks import MetricSuite, build_loss, postprocess
 
-    task = job.exp.task
-    if job.task_steps is not None:
-        return LoopParts(
-            accelerator=job.accelerator, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
-            scheduler_in_engine=False, train_loader=job.train_loader, val_loader=job.val_loader, sampler=job.sampler,
-            train_dataset=job.train_ds, loss_fn=None, metrics=job.task_metrics, postprocess=lambda raw: raw,
-            input_dtype=job.input_dtype, run=job.exp.run, per_epoch=job.per_epoch, total=job.total, on_log=on_log,
-            on_checkpoint=on_checkpoint, stop=stop, primary_metric=primary_metric(job),
-            batch_loss=job.task_steps.train_loss, eval_batch=job.task_steps.eval_batch)
     return LoopParts(
         accelerator=job.accelerator, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
         scheduler_in_engine=job.scheduler_in_engine, train_loader=job.train_loader, val_loader=job.val_loader,
-        sampler=job.sampler, train_dataset=job.train_ds, loss_fn=build_loss(task), metrics=MetricSuite(task),
-        postprocess=lambda raw: postprocess(task, raw), input_dtype=job.input_dtype, run=job.exp.run,
+        sampler=job.sampler, train_dataset=job.train_ds, metrics=job.task_metrics, run=job.exp.run,
         per_epoch=job.per_epoch, total=job.total, on_log=on_log, on_checkpoint=on_checkpoint, stop=stop,
-        primary_metric=PRIMARY_METRIC[task.name])
+        primary_metric=primary_metric(job), batch_loss=job.task_steps.train_loss, eval_batch=job.task_steps.eval_batch)
 
 
 def main(exp: Experiment, stop: StopRequest | None = None) -> int:

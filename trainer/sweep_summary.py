@@ -20,8 +20,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-PRIMARY = ("miou", "f1", "rmse")  # the task's headline metric, as trainer.run names it per task
-_PER_CLASS = ("f1_class", "precision_", "recall_", "iou_class")
+# the task's headline metric as the TerraTorch tasks log it (trainer.terratorch_task.primary_metric: mIoU for
+# segmentation, the change class's F1_Score, RMSE), then the names of jobs from releases before them
+PRIMARY = ("mIoU", "F1_Score", "RMSE", "miou", "f1", "rmse")
+# per-class metrics (TerraTorch's IoU_<class>, Class_Accuracy_<class>; earlier releases' names after them): the
+# logs keep them, summaries and the progress line leave them out
+PER_CLASS = ("IoU_", "Class_Accuracy_", "f1_class", "precision_", "recall_", "iou_class")
 
 
 def read_metrics(job_dir: Path) -> list[dict]:
@@ -58,7 +62,7 @@ def job_row(name: str, axes: tuple, result: Any, job_dir: Path) -> dict[str, Any
     row["samples_per_s"] = round(statistics.median(speeds), 3) if speeds else None
     if val:
         for k, v in val[-1].items():
-            if isinstance(v, (int, float)) and k not in ("step", "epoch") and not k.startswith(_PER_CLASS):
+            if isinstance(v, (int, float)) and k not in ("step", "epoch") and not k.startswith(PER_CLASS):
                 row[f"val_{k}"] = v
     peak, source = observed_peak_mb(train)
     row.update(planned_peak_mb=result.planned_peak_mb, planned_cpu_mb=result.planned_cpu_mb, observed_peak_mb=peak, observed_source=source,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import Experiment, TaskConfig
+from trainer.config import TaskConfig
 from trainer.errors import ConfigError
 
 FUSIONS = ("diff", "concat", "native")
@@ -119,33 +119,58 @@ def _native_necks(necks: list[dict[str, Any]] | None, time_dim: int) -> list[dic
     return necks
 
 
-def temporal_backbone(exp: Experiment, kwargs: dict[str, Any], necks: list[dict[str, Any]] | None
+def temporal_backbone(name: str, fusion: str, num_dates: int, kwargs: dict[str, Any],
+                      necks: list[dict[str, Any]] | None
                       ) -> tuple[nn.Module, dict[str, Any], list[dict[str, Any]] | None]:
-    """For `build_model`: the backbone built from the `backbone_*` factory kwargs and wrapped per task.fusion.
+    """The backbone `name` built from the `backbone_*` factory kwargs and wrapped per fusion.
 
     Returns (encoder module, the factory kwargs without backbone_* keys, necks): TerraTorch's
     EncoderDecoderFactory accepts a built backbone module and assembles necks, decoder and head around it.
     """
     from terratorch.registry import BACKBONE_REGISTRY
 
-    s = temporal_settings(exp.task)
+    if fusion not in FUSIONS:
+        raise ConfigError([f"task.fusion: {fusion!r}; use one of {', '.join(FUSIONS)}"])
     backbone_kwargs = {k.removeprefix("backbone_"): v for k, v in kwargs.items() if k.startswith("backbone_")}
     rest = {k: v for k, v in kwargs.items() if not k.startswith("backbone_")}
     clash = [k for k in _TERRATORCH_TEMPORAL_KEYS if k in backbone_kwargs]
     if clash:
         raise ConfigError([f"model.backbone_kwargs.{k}: change detection fuses dates as task.fusion says "
                            f"({', '.join(FUSIONS)}); remove this TerraTorch switch" for k in clash])
-    name = exp.model.backbone
-    if s.fusion != "native":
-        return SharedEncoder(BACKBONE_REGISTRY.build(name, **backbone_kwargs), s.fusion, s.num_dates), rest, necks
+    if fusion != "native":
+        return SharedEncoder(BACKBONE_REGISTRY.build(name, **backbone_kwargs), fusion, num_dates), rest, necks
     # (that only Prithvi takes native fusion is the config's rule: Experiment._native_fusion_is_prithvis)
     frames = backbone_kwargs.get("num_frames", 1)
-    if frames not in (1, s.num_dates):
-        raise ConfigError(f"model.backbone_kwargs.num_frames={frames} but task.num_dates={s.num_dates}: with "
+    if frames not in (1, num_dates):
+        raise ConfigError(f"model.backbone_kwargs.num_frames={frames} but task.num_dates={num_dates}: with "
                           "task.fusion=native they are the same; remove num_frames (it is filled in)")
     tubelet = backbone_kwargs.get("tubelet_size", 1)
-    if s.num_dates % tubelet:
-        raise ConfigError(f"model.backbone_kwargs.tubelet_size={tubelet} does not divide task.num_dates={s.num_dates}")
-    backbone_kwargs["num_frames"] = s.num_dates
+    if num_dates % tubelet:
+        raise ConfigError(f"model.backbone_kwargs.tubelet_size={tubelet} does not divide task.num_dates={num_dates}")
+    backbone_kwargs["num_frames"] = num_dates
     backbone = BACKBONE_REGISTRY.build(name, **backbone_kwargs)
-    return NativeTemporalEncoder(backbone, s.num_dates), rest, _native_necks(necks, s.num_dates // tubelet)
+    return NativeTemporalEncoder(backbone, num_dates), rest, _native_necks(necks, num_dates // tubelet)
+
+
+def register_factory() -> None:
+    """`TemporalEncoderDecoderFactory` in TerraTorch's model-factory registry (idempotent): a TerraTorch task (the
+    native change-detection task, or a `terratorch fit` file) names it with `model_args.fusion` / `num_dates`."""
+    from terratorch.models import EncoderDecoderFactory
+    from terratorch.registry import MODEL_FACTORY_REGISTRY
+
+    if "TemporalEncoderDecoderFactory" in MODEL_FACTORY_REGISTRY:
+        return
+
+    class TemporalEncoderDecoderFactory:
+        """EncoderDecoderFactory over T dates: one backbone shared by every date, features fused (trainer.temporal).
+        Takes the data layout [B, T, C, H, W]; `fusion` diff | concat | native, `num_dates` T."""
+
+        def build_model(self, task: str, backbone: str, decoder: str, fusion: str = "diff", num_dates: int = 2,
+                        necks: list[dict] | None = None, aux_decoders=None, **kwargs: Any) -> nn.Module:
+            if task != "segmentation":
+                raise ConfigError([f"task: change detection segments change; {task!r} is not supported"])
+            encoder, rest, necks = temporal_backbone(backbone, fusion, num_dates, kwargs, necks)
+            return EncoderDecoderFactory().build_model(task=task, backbone=encoder, decoder=decoder, necks=necks,
+                                                       aux_decoders=aux_decoders, **rest)
+
+    MODEL_FACTORY_REGISTRY.register(TemporalEncoderDecoderFactory)

@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 # where the backbone sits in each TerraTorch model class (EncoderDecoderModel / PixelWiseModel: encoder;
 # SMPModelFactory: smp_model.encoder; GenericUnetModelFactory: the whole UNet)
 _BACKBONE_PATHS = ("encoder", "smp_model.encoder", "unet_model")
-PRIMARY_METRIC = {"segmentation": "mIoU", "regression": "RMSE"}
 
 
 @dataclass
@@ -83,9 +82,9 @@ def _parse_error(exc: BaseException, source: str | None) -> ConfigError:
 
 def instantiate(spec, seed: int, with_data: bool = True) -> Built:
     """TerraTorch's CLI objects for `spec` (trainer.config.TerraTorchSpec), without a Trainer."""
-    from trainer.backbones import register_all
+    from trainer.models import register_ours
 
-    register_all()  # terrascale's own backbones can be named in a TerraTorch file too
+    register_ours()  # terrascale's own backbones and TemporalEncoderDecoderFactory can be named in a file too
     if spec.custom_modules_path:
         from terratorch.cli_tools import import_custom_modules
 
@@ -130,9 +129,9 @@ def instantiate(spec, seed: int, with_data: bool = True) -> Built:
 
 def check(spec, seed: int) -> list[str]:
     """Parse-only check at load (no model built): the problems TerraTorch's parser finds."""
-    from trainer.backbones import register_all
+    from trainer.models import register_ours
 
-    register_all()
+    register_ours()
     cli_cls = _cli_class()
     args = copy.deepcopy(spec.config)
     args["seed_everything"] = seed
@@ -291,9 +290,19 @@ class TaskSteps:
         return loss, pred, y
 
 
+def primary_metric(task: Any) -> str:
+    """The validation metric a job's curves and sweep summaries lead with: the change class's F1 (change
+    detection), mIoU (segmentation), RMSE (regression)."""
+    names = [c.__name__ for c in type(task).__mro__]
+    if "ChangeDetectionTask" in names:
+        return "F1_Score"
+    return "mIoU" if "SemanticSegmentationTask" in names else "RMSE"
+
+
 class TaskMetrics:
-    """The task's own `val_metrics` (a torchmetrics MetricCollection) behind MetricSuite's interface; names
-    as TerraTorch logs them without the `val/` prefix (mIoU, Pixel_Accuracy, RMSE, ...)."""
+    """The task's own `val_metrics` (a torchmetrics MetricCollection) fed gathered tensors; names as TerraTorch
+    logs them without the `val/` prefix (mIoU, Pixel_Accuracy, RMSE, ...). A metric that cannot be computed
+    from what validation saw (R2 of fewer than two valid pixels) reports NaN instead of ending the run."""
 
     def __init__(self, task: Any):
         from torchmetrics import Metric
@@ -315,8 +324,19 @@ class TaskMetrics:
         self.metrics.update(pred, target)
 
     def compute(self) -> dict[str, float]:
+        try:
+            values = dict(self.metrics.compute())
+        except (ValueError, RuntimeError):  # e.g. torchmetrics' R2 of fewer than two samples: the others still count
+            values = {}
+            for key, metric in self.metrics.items():
+                try:
+                    result = metric.compute()
+                except (ValueError, RuntimeError) as e:
+                    log.debug("metric %s not computable: %s", key, e)
+                    result = float("nan")
+                values.update(result if isinstance(result, dict) else {key: result})
         out: dict[str, float] = {}
-        for name, value in self.metrics.compute().items():
+        for name, value in values.items():
             name = name.split("/", 1)[-1]
             value = torch.as_tensor(value)
             if value.numel() == 1:

@@ -78,7 +78,7 @@ def _real_peak(exp, own, builders, profile_name: str) -> dict[str, int]:
     from trainer.backbones.factory import _model_class
     from trainer.fitting import apply_profile
     from trainer.memory.trace import trace_step
-    from trainer.tasks import build_loss
+    from trainer.tasks import loss_fn as task_loss
 
     torch.manual_seed(0)
     backbone = _model_class(own.family)(copy.deepcopy(own.config), **own.kwargs)
@@ -91,7 +91,7 @@ def _real_peak(exp, own, builders, profile_name: str) -> dict[str, int]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as trainer.run.build_optimizer
-    loss_fn = build_loss(exp.task)
+    loss_fn = task_loss(exp.task)  # the criterion the task's TerraTorch task trains with
     batch = {}
 
     def inputs():

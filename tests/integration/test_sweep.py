@@ -57,7 +57,7 @@ def test_matrix_sweep_failure_stop_resume_skip(tmp_path):
     rows = {row["job"]: row for row in csv.DictReader(io.StringIO((out / "summary.csv").read_text()))}
     row = rows["full"]
     assert row["status"] == "done" and row["step"] == "30" and row["attempts"] == "2"
-    assert float(row["val_miou"]) > 0 and float(row["observed_peak_mb"]) > 100 and float(row["seconds"]) > 0
+    assert float(row["val_mIoU"]) > 0 and float(row["observed_peak_mb"]) > 100 and float(row["seconds"]) > 0
     assert float(row["planned_peak_mb"]) > 0 and float(row["tree_peak_rss_mb"]) >= float(row["observed_peak_mb"])
     assert rows["zero3_nvme"]["status"] == "failed" and rows["zero3_nvme"]["exit_code"] == "2"
     md = (out / "summary.md").read_text()

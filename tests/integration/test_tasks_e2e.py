@@ -38,8 +38,9 @@ MATRIX = [f"{b}_{t}" for b in TINY_OVERRIDE for t in TASK_NAME]
 TEMPORAL = {"prithvi_change_t3_concat": ("prithvi_change", ["task.num_dates=3", "task.fusion=concat"], "change3"),
             "prithvi_change_t3_native": ("prithvi_change", ["task.num_dates=3", "task.fusion=native"], "change3")}
 RUNS = {**{name: (name, [], name.rsplit("_", 1)[1]) for name in MATRIX}, **TEMPORAL}
-VAL_METRICS = {"segmentation": ["miou", "f1_class_1", "precision_class_1", "recall_class_1"],
-               "regression": ["rmse", "mae", "r2"], "change_detection": ["f1", "iou", "precision", "recall"]}
+# as the TerraTorch tasks log them (SemanticSegmentationTask, PixelwiseRegressionTask; change: the change class)
+VAL_METRICS = {"segmentation": ["mIoU", "F1_Score", "Pixel_Accuracy", "IoU_1"],
+               "regression": ["RMSE", "MAE", "R2_Score"], "change_detection": ["F1_Score", "IoU", "Precision", "Recall"]}
 # Shrinks every run to two steps on 32 px tiles; n_val equals the batch so validation is one batch.
 FAST = ["data.synthetic.n_train=8", "data.synthetic.n_val=8", "data.synthetic.tile_size=32", "data.batch_size=8",
         "run.max_steps=2", "run.eval_every=2", "run.checkpoint_every=2", "run.log_every=1", "run.progress=false",
@@ -170,7 +171,7 @@ def test_regression_loss_and_metrics_see_the_same_bounded_output(matrix_runs):
     val = _records(matrix_runs["tmp"] / "prithvi_insar", "val")[-1]
     # One val batch, MSE loss: the loss the model trains on is the metrics' error squared only if both see
     # the sigmoid-bounded coherence (a loss on raw logits differs by a factor of 2-5 here).
-    assert val["loss"] == pytest.approx(val["rmse"] ** 2, rel=1e-4)
+    assert val["loss"] == pytest.approx(val["RMSE"] ** 2, rel=1e-4)
 
 
 @pytest.mark.slow

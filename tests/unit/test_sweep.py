@@ -100,7 +100,7 @@ def _records(job_dir: Path, steps: int, loss0: float = 1.0, peak: float = 100.0)
     job_dir.mkdir(parents=True, exist_ok=True)
     lines = [{"split": "train", "step": s, "loss": loss0 / s, "samples_per_s": 10.0 * s, "peak_rss_mb": peak + s}
              for s in range(1, steps + 1)]
-    lines.append({"split": "val", "step": steps, "loss": 0.5, "miou": 0.8, "f1_class_0": 0.1})
+    lines.append({"split": "val", "step": steps, "loss": 0.5, "mIoU": 0.8, "IoU_0": 0.1})
     (job_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"torn": ')
 
 
@@ -113,11 +113,11 @@ def test_summary_markdown_and_csv(tmp_path):
                "bad": sw.JobResult("bad", "failed", 2, 1, 3.0, error="Traceback\nConfigError: nvme_path is not set")}
     md_path, csv_path = write_summary(s, results)
     md = md_path.read_text()
-    assert "| job | memory.profile | status | step | train loss | val loss | miou |" in md
+    assert "| job | memory.profile | status | step | train loss | val loss | mIoU |" in md
     assert "| good | full | done | 4 | 0.25 | 0.5 | 0.8 | 30 | 512 | 1024 | 104 | 900 | 12.3 | observed = peak_rss_mb |" in md
     assert "ConfigError: nvme_path is not set" in md and "## bad: failed (exit code 2)" in md
     rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
-    assert rows[0]["val_miou"] == "0.8" and "val_f1_class_0" not in rows[0]
+    assert rows[0]["val_mIoU"] == "0.8" and "val_IoU_0" not in rows[0]
     assert rows[1]["status"] == "failed" and rows[1]["exit_code"] == "2" and rows[1]["step"] == ""
     assert render_csv([]) == "\r\n" and "| job |" in render_markdown([], [], "x")
 

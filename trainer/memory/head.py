@@ -51,8 +51,9 @@ class FeatureStub(nn.Module):
 
 def task_loss(exp: Experiment, shape: InputShape) -> tuple[Callable, Callable]:
     """(make_target, loss_fn) as the loop calls it: `loss_fn(out.float(), target)`. Cross-entropy for the
-    pixel-wise classification tasks and MSE for regression stand in for the configured loss (dice/focal
-    keep a few more logit-sized tensors, regression's sigmoid one more [B, H, W] map: modeled, not traced)."""
+    pixel-wise classification tasks and MSE for regression stand in for the configured TerraTorch loss (dice/focal
+    keep a few more logit-sized tensors: not traced; regression's sigmoid is the head's final activation, traced
+    with the head)."""
     if exp.task.name == "regression":
         return (lambda: torch.randn(shape.batch, shape.height, shape.width),
                 lambda out, y: F.mse_loss(_logits(out).float().squeeze(1), y))
