@@ -22,6 +22,7 @@ and batch augmentation). No Lightning Trainer is built. terrascale then applies 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import traceback
 from dataclasses import dataclass
@@ -156,6 +157,9 @@ def instantiate(spec, seed: int, with_data: bool = True) -> Built:
     finally:
         sys.argv = argv
     task = cli.model
+    # LightningCLI instantiated the file's optimizer block on the parameters the task had then; task_optimizer
+    # builds it again once the memory profile has added/replaced some (LoRA adapters, 4-bit weights)
+    task.terrascale_rebind_optimizer = functools.partial(cli._add_configure_optimizers_method_to_model, None)
     if not hasattr(task, "train_loss_handler") or not hasattr(task, "criterion"):
         raise ConfigError([f"model.class_path: {type(task).__name__} has no TerraTorch loss handler/criterion; "
                            "terrascale trains terratorch.tasks.SemanticSegmentationTask and PixelwiseRegressionTask"],
@@ -380,6 +384,9 @@ def task_optimizer(task: Any, source: str | None = None) -> tuple[torch.optim.Op
     """(optimizer, Lightning scheduler configs) from the task's configure_optimizers()."""
     from torch.optim import Optimizer
 
+    rebind = getattr(task, "terrascale_rebind_optimizer", None)
+    if rebind is not None:  # else LoRA adapters would not be in the optimizer (it held the pre-profile parameters)
+        rebind()
     conf = task.configure_optimizers()
     scheds: list[Any] = []
     if isinstance(conf, Optimizer):

@@ -79,6 +79,9 @@ def test_first_batch_loss_is_terratorchs_and_falls(tmp_path, roots, name, profil
     exp = load_experiment(config, [f"memory.profile={profile}", f"checkpoint.dir={tmp_path / 'job'}"])
     job = setup(exp)
     assert job.task_steps is not None
+    held = {id(p) for g in job.optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in job.accelerator.unwrap_model(job.model).parameters() if p.requires_grad}
+    assert held == trainable  # the file's optimizer block holds what the profile trains (LoRA adapters too)
     batch = next(iter(epoch_loader(job.train_loader, job.sampler, job.train_ds, 0)))
     job.model.train()
     torch.manual_seed(0)
