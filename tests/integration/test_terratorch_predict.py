@@ -27,16 +27,20 @@ CRS = "EPSG:32650"
 TRANSFORM = from_origin(500000.0, 4000000.0, 10.0, 10.0)
 
 
-@pytest.fixture(scope="module", params=["encdec_prithvi_ce_weights", "prithvi_factory_rmse"])
+SEG = "encdec_prithvi_ce_weights"
+
+
+@pytest.fixture(scope="module", params=[(SEG, "full"), ("prithvi_factory_rmse", "full"), (SEG, "lora")],
+                ids=lambda p: "-".join(p))
 def job(request, tmp_path_factory):
-    name = request.param
+    name, profile = request.param
     kind = C.configs()[name][0]
-    base = tmp_path_factory.mktemp(f"ttpredict_{kind}")
+    base = tmp_path_factory.mktemp(f"ttpredict_{kind}_{profile}")
     root = C.write_tiles(base / "data", kind)
     config = C.write_config(base, name, root)
     job_dir = base / "job"
-    check(run_train(["memory.profile=full", "trainer.max_steps=3", f"checkpoint.dir={job_dir}", "run.progress=false"],
-                    config=config, timeout=900))
+    check(run_train([f"memory.profile={profile}", "trainer.max_steps=3", f"checkpoint.dir={job_dir}",
+                     "run.progress=false"], config=config, timeout=900))
     assert (job_dir / "export" / "model.safetensors").is_file()
     return kind, job_dir, base
 
@@ -63,10 +67,33 @@ def crop(scene: Path, out: Path, row: int, col: int, size: int) -> Path:
     return out
 
 
+def trained_weights(job_dir: Path, model: torch.nn.Module, exp) -> torch.nn.Module:
+    """The export's weights (full profiles); LoRA: the profile applied as training applies it and the last
+    checkpoint's trained tensors over the frozen base of the same seeded build (checkpoints drop frozen weights), not
+    the export/inference code path."""
+    from safetensors.torch import load_file
+
+    from trainer.fitting import apply_profile
+    from trainer.memory.profiles import resolve_profile
+    from trainer.terratorch_task import backbone_path
+
+    profile = resolve_profile(exp.memory)
+    if profile.lora is None:
+        model.load_state_dict(load_file(str(job_dir / "export" / "model.safetensors")))
+        return model
+    model = apply_profile(model, profile, torch.float32, 0, encoder_path=backbone_path(model))
+    last = sorted((job_dir / "checkpoints").glob("step-*"))[-1]
+    state = load_file(str(last / "model.safetensors"))
+    result = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not result.unexpected_keys and not set(result.missing_keys) & trainable
+    assert any("lora_" in k for k in state)
+    return model
+
+
 def terratorch_forward(job_dir: Path, window_file: Path) -> torch.Tensor:
     """The task model's output on `window_file` as TerraTorch's predict path prepares it."""
     from lightning.pytorch import Trainer
-    from safetensors.torch import load_file
 
     from trainer.config import load_experiment
     from trainer.terratorch_task import instantiate
@@ -76,9 +103,8 @@ def terratorch_forward(job_dir: Path, window_file: Path) -> torch.Tensor:
     init = spec.config["data"]["init_args"]
     init["predict_data_root"] = str(window_file.parent)
     built = instantiate(spec, exp.run.seed)
-    dm, model = built.datamodule, built.task.model
-    model.load_state_dict(load_file(str(job_dir / "export" / "model.safetensors")))
-    model.eval()
+    dm = built.datamodule
+    model = trained_weights(job_dir, built.task.model, exp).eval()
     dm.setup("predict")
     assert len(dm.predict_dataset) == 1
     sample = dm.predict_dataset[0]
@@ -149,7 +175,7 @@ def test_predict_scene_keeps_grid_and_single_window_pixels(job, tmp_path):
         assert np.isfinite(got[~np.isnan(got)]).all() and np.isnan(got).sum() == 2
 
 
-@pytest.mark.parametrize("job", ["encdec_prithvi_ce_weights"], indirect=True)
+@pytest.mark.parametrize("job", [(SEG, "full")], indirect=True, ids=["full"])
 def test_predict_refuses_what_it_cannot_reproduce(job, tmp_path):
     """A multimodal datamodule and --precision nf4: exit 2 naming the key, nothing written."""
     import shutil
