@@ -30,7 +30,7 @@ import torch
 from rasterio.windows import Window
 
 from trainer.config import Experiment
-from trainer.data.geotiff import TileHeader, invalid_values
+from trainer.data.geotiff import TileHeader, invalid_values, read_header
 from trainer.errors import ConfigError, DataError
 
 # the datamodules whose predict tiles are one GeoTIFF each, prepared as this module prepares windows
@@ -131,15 +131,11 @@ def _training_band_count(exp: Experiment) -> int | None:
     if not isinstance(root, str):
         return None
     first = next(iter(sorted(Path(root).glob(str(init.get("img_grep") or "*")))), None)
-    if first is None:
-        return None
-    with rasterio.open(first) as src:
-        return src.count
+    return None if first is None else read_header(str(first)).count
 
 
 def check_inputs(paths: Sequence[Path], exp: Experiment, prep: Preparation) -> list[TileHeader]:
     """One readable, georeferenced scene with the bands the datamodule read (DataError naming the file)."""
-    from trainer.data.geotiff import read_header
     from trainer.predict import check_inputs as check_scene
 
     if len(paths) != 1:
@@ -147,7 +143,7 @@ def check_inputs(paths: Sequence[Path], exp: Experiment, prep: Preparation) -> l
                         f"{list(map(str, paths))}")
     count = read_header(str(paths[0])).count
     headers = check_scene(paths, exp, count, 1)  # readable, georeferenced
-    want, why = (len(prep.file_bands), "data.init_args dataset_bands") if prep.file_bands else \
+    want, why = (len(prep.file_bands), "data.init_args.predict_dataset_bands / dataset_bands") if prep.file_bands else \
         (_training_band_count(exp), "the job's training tiles")
     if want is not None and count != want:
         raise DataError(f"wrong band count: {paths[0]} has {count} bands but the job's datamodule reads {want}-band "

@@ -195,4 +195,13 @@ def test_predict_refuses_what_it_cannot_reproduce(job, tmp_path):
     r = predict(job_dir, scene, out, "--precision", "nf4")
     assert r.returncode == 2, r.stderr[-3000:]
     assert "--precision nf4" in r.stderr and "fp32" in r.stderr
+    four = tmp_path / "four_bands.tif"
+    with rasterio.open(scene) as src:
+        profile = dict(src.profile, count=4)
+        data = src.read()[:4]
+    with rasterio.open(four, "w", **profile) as f:
+        f.write(data)
+    r = predict(job_dir, four, out)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "wrong band count" in r.stderr and str(four) in r.stderr and "6-band" in r.stderr
     assert not out.exists()
