@@ -386,7 +386,12 @@ def write_quicklook(image: Path, pred: Path, out: Path, exp: Experiment, mode: s
         axes[1].set_title(f"{exp.task.name}: {shown_classes} coloured", fontsize=8)
     else:
         label = "coherence" if mode == "coherence" else f"p(class {exp.task.num_classes - 1})"
-        im = axes[1].imshow(np.ma.masked_invalid(pv), cmap="viridis", vmin=0, vmax=1, alpha=0.75)
+        lo, hi = 0.0, 1.0
+        if mode == "coherence" and exp.terratorch is not None:  # a TerraTorch regression target: any range
+            label = "value"
+            finite = pv[np.isfinite(pv)]
+            lo, hi = (np.percentile(finite, [2, 98]) if finite.size else (0.0, 1.0))
+        im = axes[1].imshow(np.ma.masked_invalid(pv), cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6), alpha=0.75)
         fig.colorbar(im, ax=axes[1], fraction=0.04, pad=0.01, label=label)
         axes[1].set_title(f"{exp.task.name}: {label}", fontsize=8)
     for ax in axes:

@@ -117,9 +117,9 @@ def terratorch_forward(job_dir: Path, window_file: Path) -> torch.Tensor:
         return model(batch["image"]).output[0].float()
 
 
-def predict(job_dir: Path, scene: Path, out: Path, *extra: str):
+def predict(job_dir: Path, scene: Path, out: Path, *extra: str, quicklook: bool = False):
     return run_python([ROOT / "launch/predict.py", "--job", job_dir, "--input", scene, "--out", out, "--tile", "32",
-                       "--no-quicklook", *extra])
+                       *([] if quicklook else ["--no-quicklook"]), *extra])
 
 
 def test_predict_one_window_is_the_task_models_forward(job, tmp_path):
@@ -150,8 +150,8 @@ def test_predict_scene_keeps_grid_and_single_window_pixels(job, tmp_path):
     scene = tmp_path / "scene.tif"
     write_scene(scene, 48, 40)
     out = tmp_path / "pred.tif"
-    r = check(predict(job_dir, scene, out, "--overlap", "8"))
-    assert "4 windows" in r.stdout
+    r = check(predict(job_dir, scene, out, "--overlap", "8", quicklook=True))
+    assert "4 windows" in r.stdout and out.with_suffix(".png").stat().st_size > 0
     ref = terratorch_forward(job_dir, crop(scene, tmp_path / "win" / "window_img.tif", 0, 0, 32))
     with rasterio.open(out) as dst, rasterio.open(scene) as src:
         assert (dst.crs, dst.transform, dst.shape, dst.count) == (src.crs, src.transform, (48, 40), 1)
