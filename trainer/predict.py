@@ -3,7 +3,8 @@
 - Model: the job's `export/` through `trainer.inference.load_for_inference` at `precision` (nf4, int8, bf16,
   fp32; default what the job trained with): for LoRA/QLoRA jobs the base checkpoint streamed (fingerprint
   checked) with the export's adapters, necks, decoder and head on top; full exports as they are. Normalization:
-  `export/stats.json`, else the stats file the job's config names. `predict_loaded` predicts with a model
+  `export/stats.json`, else the stats file the job's config names; a job trained from a `terratorch fit` file
+  prepares windows as its datamodule did (trainer.terratorch_predict). `predict_loaded` predicts with a model
   loaded once (several scenes, benchmarks).
 - Windows per forward pass: `batch_size`, or None to fit the device (`trainer.inference.windows_per_batch`).
 - Windows of `tile` px overlap by `overlap` px; the last row/column of windows is moved flush with the scene's
@@ -203,8 +204,14 @@ def predict_scene(job: Path, inputs: Sequence[Path], out: Path, *, tile: int = 6
     export = resolve_export(job)
     exp = load_experiment(export / "config.yaml")
     temporal = exp.task.name == "change_detection"
-    mean, _, _ = load_stats(export, exp)
-    check_inputs(inputs, exp, len(mean), temporal_settings(exp.task).num_dates if temporal else 1)
+    if exp.terratorch is not None:  # a `terratorch fit` file's job: windows prepared as its datamodule did
+        from trainer import terratorch_predict
+
+        precision = terratorch_predict.check_precision(precision)
+        terratorch_predict.check_inputs(inputs, exp, terratorch_predict.preparation(exp))
+    else:
+        mean, _, _ = load_stats(export, exp)
+        check_inputs(inputs, exp, len(mean), temporal_settings(exp.task).num_dates if temporal else 1)
     model = load_for_inference(export, precision, base=base)
     return predict_loaded(model, inputs, out, tile=tile, overlap=overlap, batch_size=batch_size,
                           probabilities=probabilities, quicklook=quicklook)
@@ -224,8 +231,15 @@ def predict_loaded(model, inputs: Sequence[Path], out: Path, *, tile: int = 64, 
     task = exp.task
     temporal = task.name == "change_detection"
     num_dates = temporal_settings(task).num_dates if temporal else 1
-    mean, std, stats_path = load_stats(export, exp)
-    headers = check_inputs(inputs, exp, len(mean), num_dates)
+    tt = None
+    if exp.terratorch is not None:  # trainer.terratorch_predict: the datamodule's preparation, the task's model
+        from trainer import terratorch_predict as tt
+
+        prep = tt.preparation(exp)
+        headers, stats_path = tt.check_inputs(inputs, exp, prep), prep.describe()
+    else:
+        mean, std, stats_path = load_stats(export, exp)
+        headers = check_inputs(inputs, exp, len(mean), num_dates)
     height, width = headers[0].height, headers[0].width
     if task.name == "regression":
         mode, nbands = "coherence", 1
@@ -249,7 +263,7 @@ def predict_loaded(model, inputs: Sequence[Path], out: Path, *, tile: int = 64, 
                        nodata=CLASS_NODATA if mode == "classes" else float("nan"))
     try:
         with contextlib.ExitStack() as stack:
-            reader = _Reader(stack, inputs, exp, mean, std, tile)
+            reader = tt.Reader(stack, inputs, prep, tile) if tt else _Reader(stack, inputs, exp, mean, std, tile)
             if batch_size is None:
                 from trainer.inference import windows_per_batch
 
@@ -260,9 +274,12 @@ def predict_loaded(model, inputs: Sequence[Path], out: Path, *, tile: int = 64, 
                 dst = stack.enter_context(rasterio.open(tmp, "w", **profile))
             except rasterio.errors.RasterioIOError as e:
                 raise DataError(f"cannot write --out {out} ({e}): check the folder exists and is writable") from e
-            dst.update_tags(task=task.name, backbone=exp.model.backbone, job=str(export), output=mode,
-                            precision=model.precision)
-            names = {"classes": ["class"], "coherence": ["coherence"]}.get(mode, [f"p_class_{i}" for i in range(nbands)])
+            from trainer.run import backbone_name
+
+            value = "value" if tt else "coherence"  # a TerraTorch regression task's target is the file's own
+            dst.update_tags(task=task.name, backbone=backbone_name(exp), job=str(export),
+                            output=value if mode == "coherence" else mode, precision=model.precision)
+            names = {"classes": ["class"], "coherence": [value]}.get(mode, [f"p_class_{i}" for i in range(nbands)])
             for i, name in enumerate(names, start=1):
                 dst.set_band_description(i, name)
             acc = np.zeros((k, tile, width), "float32")
@@ -282,7 +299,8 @@ def predict_loaded(model, inputs: Sequence[Path], out: Path, *, tile: int = 64, 
                 for start in range(0, len(cols), batch_size):
                     chunk = cols[start:start + batch_size]
                     windows = [reader.read(row, col) for col in chunk]
-                    probs = _run(model, exp, [w[0] for w in windows], temporal)
+                    batch = [w[0] for w in windows]
+                    probs = tt.run(model, exp, batch) if tt else _run(model, exp, batch, temporal)
                     for col, (_, bad_w), p in zip(chunk, windows, probs):
                         h, w = bad_w.shape
                         acc[:, :h, col:col + w] += p[:, :h, :w] * weight[:h, :w]
@@ -368,7 +386,12 @@ def write_quicklook(image: Path, pred: Path, out: Path, exp: Experiment, mode: s
         axes[1].set_title(f"{exp.task.name}: {shown_classes} coloured", fontsize=8)
     else:
         label = "coherence" if mode == "coherence" else f"p(class {exp.task.num_classes - 1})"
-        im = axes[1].imshow(np.ma.masked_invalid(pv), cmap="viridis", vmin=0, vmax=1, alpha=0.75)
+        lo, hi = 0.0, 1.0
+        if mode == "coherence" and exp.terratorch is not None:  # a TerraTorch regression target: any range
+            label = "value"
+            finite = pv[np.isfinite(pv)]
+            lo, hi = (np.percentile(finite, [2, 98]) if finite.size else (0.0, 1.0))
+        im = axes[1].imshow(np.ma.masked_invalid(pv), cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6), alpha=0.75)
         fig.colorbar(im, ax=axes[1], fraction=0.04, pad=0.01, label=label)
         axes[1].set_title(f"{exp.task.name}: {label}", fontsize=8)
     for ax in axes:

@@ -17,7 +17,11 @@ The model and its normalization come from the job's export/ (config.yaml, export
 job's export holds only what training changed (adapters, necks, decoder, head): the frozen base is streamed from
 the checkpoint the job trained on (its pretrained_path, or --base), refused (exit 2) unless its fingerprint is the
 one recorded at export, and held at --precision: nf4 or int8 (quantized while it loads), bf16 or fp32. Default:
-what the job trained with. Change detection takes one file per date, in date order."""
+what the job trained with. Change detection takes one file per date, in date order.
+
+A job trained from a `terratorch fit` file: the task's model rebuilt by TerraTorch with the exported weights, fp32;
+each window prepared as its GenericNonGeoSegmentation/PixelwiseRegression datamodule prepared tiles (bands,
+constant_scale, no_data_replace, means/stds from data.init_args); regression values are the model's own."""
 
 EPILOG = """\
 examples:

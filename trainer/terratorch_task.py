@@ -22,6 +22,7 @@ and batch augmentation). No Lightning Trainer is built. terrascale then applies 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import traceback
 from dataclasses import dataclass
@@ -80,6 +81,40 @@ def _parse_error(exc: BaseException, source: str | None) -> ConfigError:
                         "with `terratorch fit -c` too)"], source=source)
 
 
+_AUX_HEAD = "terratorch.models.model.AuxiliaryHead"
+
+
+def _typed_aux_heads(args: dict, source: str | None) -> None:
+    """TerraTorch's documented aux head form (`model.init_args.aux_heads: [{name, decoder, decoder_args}]`) given to
+    1.2.11's parser as `class_path: terratorch.models.model.AuxiliaryHead` entries, in place.
+
+    1.2.11 types `SemanticSegmentationTask.aux_heads` as `list[Any]`, so jsonargparse passes plain dicts through
+    unconverted (and cannot resolve the short class name `AuxiliaryHead` there); the factory then reads
+    `aux_decoder.decoder_args` of a dict (AttributeError). With the full class_path jsonargparse builds the
+    AuxiliaryHead dataclasses, as later TerraTorch (typing it `list[AuxiliaryHead]`) does from the plain dicts;
+    PixelwiseRegressionTask's `list[AuxiliaryHead]` takes either form."""
+    init = (args.get("model") or {}).get("init_args")
+    if not isinstance(init, dict):
+        return
+    model_args = init.get("model_args")
+    if isinstance(model_args, dict) and "aux_decoders" in model_args:
+        raise ConfigError(["model.init_args.model_args.aux_decoders: the task hands the factory its own aux_heads as "
+                           "aux_decoders (TypeError: multiple values); move the list to model.init_args.aux_heads "
+                           "(entries {name, decoder, decoder_args}) and weight each head in model.init_args.aux_loss "
+                           "({name: weight})"], source=source)
+    heads = init.get("aux_heads")
+    if not isinstance(heads, list):
+        return
+    typed = []
+    for head in heads:
+        if isinstance(head, dict) and "class_path" not in head:
+            head = {"class_path": _AUX_HEAD, "init_args": head}
+        elif isinstance(head, dict) and head.get("class_path") == "AuxiliaryHead":
+            head = {**head, "class_path": _AUX_HEAD}
+        typed.append(head)
+    init["aux_heads"] = typed
+
+
 def instantiate(spec, seed: int, with_data: bool = True) -> Built:
     """TerraTorch's CLI objects for `spec` (trainer.config.TerraTorchSpec), without a Trainer."""
     from trainer.models import register_ours
@@ -91,6 +126,7 @@ def instantiate(spec, seed: int, with_data: bool = True) -> Built:
         import_custom_modules(spec.custom_modules_path)
     args = copy.deepcopy({k: v for k, v in spec.config.items() if with_data or k != "data"})
     args["seed_everything"] = seed
+    _typed_aux_heads(args, spec.source)
     args["trainer"] = {"logger": False, "enable_checkpointing": False}
     from lightning.pytorch.core import LightningDataModule  # noqa: F401  (jsonargparse resolves subclasses)
     from torchgeo.trainers import BaseTask
@@ -120,6 +156,9 @@ def instantiate(spec, seed: int, with_data: bool = True) -> Built:
     finally:
         sys.argv = argv
     task = cli.model
+    # LightningCLI instantiated the file's optimizer block on the parameters the task had then; task_optimizer
+    # builds it again once the memory profile has added/replaced some (LoRA adapters, 4-bit weights)
+    task.terrascale_rebind_optimizer = functools.partial(cli._add_configure_optimizers_method_to_model, None)
     if not hasattr(task, "train_loss_handler") or not hasattr(task, "criterion"):
         raise ConfigError([f"model.class_path: {type(task).__name__} has no TerraTorch loss handler/criterion; "
                            "terrascale trains terratorch.tasks.SemanticSegmentationTask and PixelwiseRegressionTask"],
@@ -135,6 +174,10 @@ def check(spec, seed: int) -> list[str]:
     cli_cls = _cli_class()
     args = copy.deepcopy(spec.config)
     args["seed_everything"] = seed
+    try:
+        _typed_aux_heads(args, spec.source)
+    except ConfigError as e:
+        return e.issues
     args["trainer"] = {"logger": False, "enable_checkpointing": False}
     from torchgeo.trainers import BaseTask
 
@@ -361,6 +404,9 @@ def task_optimizer(task: Any, source: str | None = None) -> tuple[torch.optim.Op
     """(optimizer, Lightning scheduler configs) from the task's configure_optimizers()."""
     from torch.optim import Optimizer
 
+    rebind = getattr(task, "terrascale_rebind_optimizer", None)
+    if rebind is not None:  # else LoRA adapters would not be in the optimizer (it held the pre-profile parameters)
+        rebind()
     conf = task.configure_optimizers()
     scheds: list[Any] = []
     if isinstance(conf, Optimizer):

@@ -79,6 +79,9 @@ def test_first_batch_loss_is_terratorchs_and_falls(tmp_path, roots, name, profil
     exp = load_experiment(config, [f"memory.profile={profile}", f"checkpoint.dir={tmp_path / 'job'}"])
     job = setup(exp)
     assert job.task_steps is not None
+    held = {id(p) for g in job.optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in job.accelerator.unwrap_model(job.model).parameters() if p.requires_grad}
+    assert held == trainable  # the file's optimizer block holds what the profile trains (LoRA adapters too)
     batch = next(iter(epoch_loader(job.train_loader, job.sampler, job.train_ds, 0)))
     job.model.train()
     torch.manual_seed(0)
@@ -91,6 +94,17 @@ def test_first_batch_loss_is_terratorchs_and_falls(tmp_path, roots, name, profil
         for k in state:
             torch.testing.assert_close(state[k], ref_state[k], msg=k)
     torch.testing.assert_close(ours.detach(), ref, rtol=1e-5, atol=1e-6)
+    aux = C.configs()[name][1]["init_args"].get("aux_loss")
+    if aux:  # the aux heads exist and their weighted terms are in the loss (not only equal on both sides)
+        x, y, rest = job.task_steps.batch(batch, "train")
+        torch.manual_seed(0)
+        out = job.model(x, **rest)
+        assert set(out.auxiliary_heads) == set(aux)
+        crit = job.task_steps.task.criterion
+        terms = {k: crit(out.auxiliary_heads[k].float(), y) for k in aux}
+        assert all(float(t.detach()) > 0 for t in terms.values()), terms
+        by_hand = crit(out.output.float(), y) + sum(w * terms[k] for k, w in aux.items())
+        torch.testing.assert_close(ours.detach(), by_hand.detach(), rtol=1e-5, atol=1e-6)
 
     losses = []
     for _ in range(6):  # the task's own optimizer (the file's optimizer block) on the profile's trainable params

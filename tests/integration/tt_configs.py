@@ -127,6 +127,22 @@ def configs() -> dict[str, tuple[str, dict, str]]:
             class_weights=[0.3, 0.7]), "pixelwise"),
         "encdec_prithvi_list_ce_lovasz": ("segmentation", model(
             "segmentation", "EncoderDecoderFactory", _seg_args(**tiny_prithvi), loss=["ce", "lovasz"]), "pixelwise"),
+        # TerraTorch's documented aux head form (examples/confs/sen1floods11_vit.yaml): plain dicts in the task's
+        # aux_heads, weighted by aux_loss; the loss is the decode head's plus 0.4 x the aux head's
+        "encdec_prithvi_aux_ce": ("segmentation", model(
+            "segmentation", "EncoderDecoderFactory", _seg_args(**tiny_prithvi), loss="ce",
+            aux_heads=[{"name": "aux_head", "decoder": "FCNDecoder",
+                        "decoder_args": {"decoder_channels": 16, "decoder_in_index": -1, "decoder_num_convs": 2,
+                                         "head_dropout": 0.1}}],
+            aux_loss={"aux_head": 0.4}), "pixelwise"),
+        # the class_path form, on a regression task (1.2.11 types its aux_heads list[AuxiliaryHead])
+        "prithvi_factory_aux_rmse": ("regression", model(
+            "regression", "PrithviModelFactory",
+            {"backbone": "prithvi_eo_tiny", "pretrained": False, "bands": BANDS, "in_channels": 6, "num_frames": 1,
+             "backbone_img_size": SIZE, "decoder": "FCNDecoder", "decoder_channels": 32},
+            loss="rmse", aux_heads=[{"class_path": "terratorch.models.model.AuxiliaryHead", "init_args": {
+                "name": "aux_fcn", "decoder": "FCNDecoder", "decoder_args": {"decoder_channels": 16}}}],
+            aux_loss={"aux_fcn": 0.5}), "pixelwise"),
         "encdec_terramind_dice": ("segmentation", model(
             "segmentation", "EncoderDecoderFactory", _seg_args(
                 backbone="terramind_v1_tiny", backbone_pretrained=False, backbone_modalities=["S2L2A"],
