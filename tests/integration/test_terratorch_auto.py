@@ -37,6 +37,35 @@ def test_plan_prints_the_table_of_the_files_own_model(tmp_path, data):
     assert "auto: full, the fastest profile that fits" in out
 
 
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory, data):
+    base = tmp_path_factory.mktemp("tt_auto_more")
+    return {"segmentation": data, "regression": C.write_tiles(base / "reg", "regression"),
+            "multimodal": C.write_multimodal(base / "mm")}
+
+
+@pytest.mark.parametrize("name", list(C.configs()))
+def test_every_factory_is_planned_on_the_model_it_builds(tmp_path, roots, name):
+    """The plan's parameter count is the count of the model TerraTorch's CLI builds for the file (built here in
+    the test process), on the file's own tiles and bands."""
+    from trainer.config import load_experiment
+    from trainer.terratorch_task import instantiate
+
+    kind, section, data_kind = C.configs()[name]
+    config = C.write_config(tmp_path, name, roots["multimodal" if data_kind == "multimodal" else kind])
+    doc = json.loads(plan(config, "--json", "--gpu-memory", "24GiB"))
+    exp = load_experiment(config)
+    model = instantiate(exp.terratorch, exp.run.seed, with_data=False).task.model
+    assert doc["backbone"].startswith(f"{section['init_args']['model_factory']} {type(model).__name__}")
+    assert doc["counts"]["backbone"] + (doc["counts"]["head"] or 0) == sum(p.numel() for p in model.parameters())
+    channels = 8 if data_kind == "multimodal" else 6
+    assert {k: doc["input"][k] for k in ("batch", "channels", "height", "width")} == {
+        "batch": 2, "channels": channels, "height": C.SIZE, "width": C.SIZE}
+    if data_kind == "multimodal":
+        assert doc["input"]["modalities"] == {"S2L2A": 6, "S1GRD": 2}
+    assert doc["auto"]["profile"] == "full"  # tiny models on a 24 GiB card
+
+
 @pytest.mark.slow
 def test_auto_on_a_terratorch_file_picks_the_planned_profile_keeps_it_and_refuses_when_nothing_fits(tmp_path, data):
     config = C.write_config(tmp_path, "encdec_prithvi_ce_weights", data)

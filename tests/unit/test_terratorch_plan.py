@@ -127,3 +127,23 @@ def test_multimodal_shapes_make_one_tensor_per_modality_and_single_shapes_keep_t
     single = InputShape(2, 6, 16, 16)
     assert single.key() == {"batch": 2, "channels": 6, "height": 16, "width": 16}
     assert tuple(single.example(torch.float32).shape) == (2, 6, 16, 16)
+
+
+def test_the_files_frozen_backbone_sgd_and_pretrained_flags_reach_the_plan():
+    from trainer.terratorch_plan import loads_pretrained, planning_view, without_pretrained
+
+    spec = TerraTorchSpec(config={
+        "model": {"class_path": "SemanticSegmentationTask", "init_args": {
+            "freeze_backbone": True, "model_args": {"backbone": "prithvi_eo_tiny", "backbone_pretrained": True}}},
+        "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}})
+    exp = Experiment(terratorch=spec)
+    view = planning_view(exp)
+    assert view.model.freeze_backbone and view.optim.name == "sgd"
+    assert not exp.model.freeze_backbone and exp.optim.name == "adamw"  # the run's own config is left alone
+    assert loads_pretrained(exp)
+    meta = without_pretrained(spec)
+    assert meta.config["model"]["init_args"]["model_args"]["backbone_pretrained"] is False
+    assert spec.config["model"]["init_args"]["model_args"]["backbone_pretrained"] is True
+    adamw = Experiment(terratorch=TerraTorchSpec(config={"model": {"class_path": "X", "init_args": {}},
+                                                         "optimizer": {"class_path": "AdamW"}}))
+    assert planning_view(adamw).optim.name == "adamw" and not planning_view(adamw).model.freeze_backbone
