@@ -43,7 +43,8 @@ def text_table(plan: Plan) -> str:
     head = plan.counts.get("head")
     dates = f" x {s.dates} dates" if s.dates > 1 else ""
     mods = f" ({' + '.join(f'{n} {c}' for n, c in s.modalities)})" if s.modalities else ""
-    lines = [f"{plan.backbone} ({plan.mode}): batch {s.batch}{dates} x {s.channels} bands{mods} x {s.height}x{s.width}, "
+    lines = [f"{plan.backbone} ({plan.mode}): batch {s.batch}{dates} x {s.channels} bands{mods} x "
+             f"{s.height}x{s.width}, "
              f"{_count(plan.counts.get('backbone', 0))} backbone"
              + (f" + {head / 1e6:.1f}M neck/decoder/head" if head else "") + f" parameters; budget GPU {_gib(b.gpu)} GiB, "
              f"CPU {_gib(b.cpu)} GiB" + (f", NVMe {b.nvme_path}" if b.nvme_path else ""),

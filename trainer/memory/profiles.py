@@ -129,7 +129,8 @@ def no_backbone_problem(p: Profile, model_name: str) -> str:
     """Why `p` cannot run on a model with no backbone terrascale can find (the run refuses it, the planner
     leaves it out of `auto`'s candidates with the same words)."""
     return (f"memory.profile: {p.name} adapts the backbone, but {model_name} has none terrascale can find (encoder / "
-            "smp_model.encoder / unet_model); use profile full or zero2 (or a ZeRO-3 profile with memory.grad_checkpointing=false)")
+            "smp_model.encoder / unet_model); use profile full or zero2 (or a ZeRO-3 profile with "
+            "memory.grad_checkpointing=false)")
 
 
 def markdown_table() -> str:
