@@ -65,15 +65,15 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     num_workers = exp.data.num_workers if num_workers is None else num_workers
     if batch_size != exp.data.batch_size:
         exp = exp.model_copy(update={"data": exp.data.model_copy(update={"batch_size": batch_size})})
-    exp, auto_choice = resolve_auto(exp, built, train_ds, batch_size, resuming)
-    profile = resolve_profile(exp.memory)
-    prepare_environment(deepspeed=profile.deepspeed is not None)  # a no-op unless auto chose a DeepSpeed profile
-    precision = R.resolve_precision(exp, profile, has_cuda)
     per_epoch = steps_per_epoch(len(train_ds), batch_size, world, exp.run.grad_accum)
     if per_epoch < 1:
         raise ConfigError([f"data: {len(train_ds)} training samples are fewer than one step needs (data.init_args."
                            f"batch_size {batch_size} x trainer.accumulate_grad_batches {exp.run.grad_accum} x "
                            f"{world} process(es)); add samples or lower the batch size"], source=spec.source)
+    exp, auto_choice = resolve_auto(exp, built, train_ds, batch_size, resuming)
+    profile = resolve_profile(exp.memory)
+    prepare_environment(deepspeed=profile.deepspeed is not None)  # a no-op unless auto chose a DeepSpeed profile
+    precision = R.resolve_precision(exp, profile, has_cuda)
     if spec.eval_every_epochs is not None:  # trainer.check_val_every_n_epoch: validate at epoch ends
         every = spec.eval_every_epochs * per_epoch
         exp = exp.model_copy(update={"run": exp.run.model_copy(update={"eval_every": every})})
