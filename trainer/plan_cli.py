@@ -3,7 +3,9 @@
 Listed in `trainer.cli.COMMAND_MODULES` (it calls `add_parser`). The fast path imports neither TerraTorch nor
 Accelerate: catalog backbones are traced from terrascale's own classes and the decoder measurement comes from
 the cache; `terratorch_builders()` is handed to the planner for what only TerraTorch can build (a new decoder
-configuration, Prithvi/TerraMind/Clay), imported only when such a measurement is missing.
+configuration, Prithvi/TerraMind/Clay), imported only when such a measurement is missing. A `terratorch fit` file
+is planned on the model and batch TerraTorch's CLI builds for it (`trainer.terratorch_plan.plan_file`: imports
+TerraTorch always).
 """
 from __future__ import annotations
 
@@ -91,7 +93,18 @@ def _plan(args: argparse.Namespace) -> int:
 
         exp = load_experiment(args.config, args.overrides)
         gpu, cpu, gpu_src = budgets(args, exp)
-        if args.inference:
+        if exp.terratorch is not None:  # TerraTorch's CLI builds the file's model and datamodule (imports it)
+            unsupported = [flag for flag, given in (("--inference", args.inference), ("--tile-size", args.tile_size),
+                                                     ("--windows", args.windows), ("--precision", args.precision),
+                                                     ("--device", args.device != "cuda")) if given]
+            if unsupported:
+                raise ConfigError([f"plan: {', '.join(unsupported)}: a terratorch file is planned for training on "
+                                   "the batch its datamodule delivers; leave these out"], source=args.config)
+            from trainer.terratorch_plan import plan_file
+
+            with contextlib.redirect_stdout(sys.stderr):  # TerraTorch prints while building; stdout is the answer
+                plan = plan_file(exp, gpu, cpu, args.nvme or exp.memory.nvme_path)
+        elif args.inference:
             from trainer.memory.inference import PRECISIONS, plan_inference
 
             plan = plan_inference(exp, gpu, cpu, windows=args.windows, tile_size=args.tile_size,

@@ -1,5 +1,6 @@
 """`trainer.run.setup` for a `terratorch fit` file: TerraTorch builds task, model, loss, metrics and datamodule
-(trainer.terratorch_task); the profile, Accelerate/DeepSpeed, the loop and the job dir are terrascale's."""
+(trainer.terratorch_task); the profile (`memory.profile: auto`: planned on that model, trainer.terratorch_plan),
+Accelerate/DeepSpeed, the loop and the job dir are terrascale's."""
 from __future__ import annotations
 
 import logging
@@ -15,14 +16,25 @@ log = logging.getLogger("terrascale")
 
 def _refuse(exp: Experiment) -> None:
     problems = []
-    if exp.memory.profile == "auto":
-        problems.append("memory.profile: auto plans terrascale-schema models; name a profile for a terratorch file "
-                        "(full, lora, zero2, zero3, zero3_offload, ...)")
     if exp.memory.optimizer != "adamw":
         problems.append(f"memory.optimizer: {exp.memory.optimizer!r}: a terratorch file's optimizer is its own "
                         "optimizer block (or the task's optimizer init_arg); remove memory.optimizer")
     if problems:
         raise ConfigError(problems, source=exp.terratorch.source)
+
+
+def _announce(accelerator, choice) -> None:
+    """What trainer.run.setup says about an `auto` choice (every process must have chosen the same)."""
+    from trainer import run as R
+    from trainer.memory.auto import DEFAULT_GPU
+
+    R.agree_on_auto(accelerator, choice.profile)
+    log.info("memory.profile auto -> %s", choice.reason)
+    if choice.assumed_gpu:
+        log.warning("no GPU detected and memory.gpu_memory unset: auto planned for a %s RTX 4090; set "
+                    "memory.gpu_memory to the card this job is meant for", DEFAULT_GPU)
+    if accelerator.is_main_process and not choice.kept:
+        log.info("plan this choice was made from:\n%s", choice.table)
 
 
 def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
@@ -34,16 +46,16 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     from trainer.fitting import apply_profile
     from trainer.loop import EpochSampler, steps_per_epoch, total_steps
     from trainer.memory import deepspeed as ds
-    from trainer.memory.profiles import check_combination, resolve_profile
+    from trainer.memory.profiles import adapts_backbone, check_combination, no_backbone_problem, resolve_profile
     from trainer.runtime import cuda_available, prepare_environment, setup_logging
+    from trainer.terratorch_plan import resolve_auto
     from trainer.universal import with_load_universal
 
     _refuse(exp)
     spec = exp.terratorch
-    profile = resolve_profile(exp.memory)
-    prepare_environment(deepspeed=profile.deepspeed is not None)
+    named = exp.memory.profile != "auto"  # auto: the planner chooses once the task and its data are built
+    prepare_environment(deepspeed=named and resolve_profile(exp.memory).deepspeed is not None)
     has_cuda = cuda_available()
-    precision = R.resolve_precision(exp, profile, has_cuda)
     world = int(os.environ.get("WORLD_SIZE", "1"))
 
     built = T.instantiate(spec, exp.run.seed)  # seeded as `terratorch fit` seeds it: the same initial weights
@@ -58,6 +70,10 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
         raise ConfigError([f"data: {len(train_ds)} training samples are fewer than one step needs (data.init_args."
                            f"batch_size {batch_size} x trainer.accumulate_grad_batches {exp.run.grad_accum} x "
                            f"{world} process(es)); add samples or lower the batch size"], source=spec.source)
+    exp, auto_choice = resolve_auto(exp, built, train_ds, batch_size, resuming)
+    profile = resolve_profile(exp.memory)
+    prepare_environment(deepspeed=profile.deepspeed is not None)  # a no-op unless auto chose a DeepSpeed profile
+    precision = R.resolve_precision(exp, profile, has_cuda)
     if spec.eval_every_epochs is not None:  # trainer.check_val_every_n_epoch: validate at epoch ends
         every = spec.eval_every_epochs * per_epoch
         exp = exp.model_copy(update={"run": exp.run.model_copy(update={"eval_every": every})})
@@ -72,6 +88,8 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     check_combination(profile, stage, ds.offloads(ds_config) if ds_config else {})
     accelerator = R.make_accelerator(exp, ds_config, precision)
     setup_logging(accelerator.is_main_process)
+    if auto_choice is not None:
+        _announce(accelerator, auto_choice)
     log.info("job %s: TerraTorch %s + %s (%s), profile %s, precision %s, %s, %d process(es), %d steps (%d per "
              "epoch)", exp.job_dir, type(built.task).__name__, type(built.task.model).__name__,
              type(built.datamodule).__name__, profile.name, precision,
@@ -80,10 +98,8 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     set_seed(exp.run.seed)
     model = built.task.model
     path = T.backbone_path(model)
-    if path is None and (profile.lora is not None or profile.quantization != "none" or profile.grad_checkpointing):
-        raise ConfigError([f"memory.profile: {profile.name} adapts the backbone, but {type(model).__name__} has none "
-                           "terrascale can find (encoder / smp_model.encoder / unet_model); use profile full or a "
-                           "ZeRO profile"], source=spec.source)
+    if path is None and adapts_backbone(profile):
+        raise ConfigError([no_backbone_problem(profile, type(model).__name__)], source=spec.source)
     model = apply_profile(model, profile, R.COMPUTE_DTYPE[precision], stage, encoder_path=path or "encoder")
     built.task.model = model
     if ds_config is not None and precision == "bf16":
@@ -101,7 +117,7 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     if ds_config is None and has_frozen_parameters(model):
         accelerator.register_save_state_pre_hook(drop_frozen_weights)
     job = R.Job(exp, profile, precision, ds_config, accelerator, model, optimizer, scheduler, False, train_loader,
-                val_loader, sampler, train_ds, val_ds, per_epoch, total, None)
+                val_loader, sampler, train_ds, val_ds, per_epoch, total, auto_choice)
     job.task_steps = T.TaskSteps(built.task, built.datamodule, job.input_dtype)
     job.task_metrics = T.TaskMetrics(built.task)
     return job

@@ -70,15 +70,20 @@ def frozen_profile(job_dir: Path) -> str | None:
     return name if name and name != "auto" else None
 
 
-def choose(exp: Experiment, resuming: bool, builders=None) -> AutoChoice:
-    """The profile `auto` stands for in this run. Raises PlanError (with the plan table) when none fits."""
+def choose(exp: Experiment, resuming: bool, builders=None, inputs=None) -> AutoChoice:
+    """The profile `auto` stands for in this run. Raises PlanError (with the plan table) when none fits.
+
+    `inputs()`, called only when a plan is needed (not when a resumed job keeps its profile), returns more
+    `plan_experiment` keywords: for a `terratorch fit` file the builders that hand over its built model, its batch
+    shape and a label (`trainer.terratorch_plan.plan_inputs`)."""
     from trainer.memory.planner import choose_profile
 
     if resuming and (kept := frozen_profile(exp.job_dir)):
         return AutoChoice(kept, f"{kept}, chosen when this job started ({exp.job_dir / 'config.yaml'}); a resumed "
                           "job keeps the profile its checkpoints were written with", "", kept=True)
     gpu, cpu, gpu_src = budgets(exp)
-    profile, table, reason = choose_profile(exp, gpu, cpu, exp.memory.nvme_path, builders=builders)
+    extra = {"builders": builders, **(inputs() if inputs is not None else {})}
+    profile, table, reason = choose_profile(exp, gpu, cpu, exp.memory.nvme_path, **extra)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_gpu = "" if world == 1 else (f" (planned for one GPU; with {world} processes ZeRO shards states further, "
                                      "so the plan is conservative)")
@@ -86,14 +91,14 @@ def choose(exp: Experiment, resuming: bool, builders=None) -> AutoChoice:
                       assumed_gpu=gpu_src.startswith("the default"))
 
 
-def resolve(exp: Experiment, resuming: bool, builders=None) -> tuple[Experiment, AutoChoice | None]:
+def resolve(exp: Experiment, resuming: bool, builders=None, inputs=None) -> tuple[Experiment, AutoChoice | None]:
     """`exp` with `memory.profile: auto` replaced by the chosen profile (unchanged for any other profile)."""
     if exp.memory.profile != "auto":
         return exp, None
     from trainer.plan_cli import quiet
 
     with quiet():
-        choice = choose(exp, resuming, builders)
+        choice = choose(exp, resuming, builders, inputs)
     chosen = exp.model_copy(update={"memory": exp.memory.model_copy(update={"profile": choice.profile})})
     return chosen, choice
 

@@ -33,6 +33,9 @@ class Builders:
 
     full_model: Callable[[Experiment], nn.Module]                # the experiment's EncoderDecoder
     around: Callable[[Experiment, nn.Module], nn.Module]         # the same necks/decoder/head around a backbone
+    # where the backbone the profile adapts sits in `full_model`'s model (None: it has none; only profiles that
+    # leave the backbone alone are planned then, `trainer.memory.profiles.adapts_backbone`)
+    backbone_path: Callable[[nn.Module], str | None] = lambda model: "encoder"
 
 
 class FeatureStub(nn.Module):
@@ -75,7 +78,7 @@ def _trace_with_loss(exp, model, shape, mode, fake, extra_inputs=()) -> dict:
     from trainer.memory.trace import trace_forward, trace_step
 
     if mode.inference:  # prediction: the forward alone, no loss
-        t = trace_forward(model, lambda: (torch.randn(*shape.tensor(), dtype=input_dtype(mode)),), fake_mode=fake)
+        t = trace_forward(model, lambda: (shape.example(input_dtype(mode)),), fake_mode=fake)
         return dict(peak=t["peak"], flops=t["flops"])
 
     make_target, loss = task_loss(exp, shape)
@@ -83,7 +86,7 @@ def _trace_with_loss(exp, model, shape, mode, fake, extra_inputs=()) -> dict:
 
     def inputs():
         holder["y"] = make_target()
-        return (torch.randn(*shape.tensor(), dtype=input_dtype(mode)),)
+        return (shape.example(input_dtype(mode)),)
 
     t = trace_step(model, inputs, lambda out: loss(out, holder["y"]),
                    autocast=DTYPES[mode.precision] if mode.autocast else None, fake_mode=fake)
@@ -130,8 +133,11 @@ def head_step(exp: Experiment, outputs: list[list[int]], out_dtypes: list[str], 
 
 def whole_step(exp: Experiment, shape: InputShape, mode: TraceMode, builders: Builders | None,
                lora_targets_of: Callable[[nn.Module], list[str] | None]) -> tuple[dict, bool]:
-    """A TerraTorch-built model traced whole at full depth; (result incl. counts, was_cached)."""
-    spec = {"kind": "whole", "model": exp.model.model_dump(mode="json"), "task": _model_spec(exp),
+    """A TerraTorch-built model traced whole at full depth; (result incl. counts, was_cached). For a `terratorch
+    fit` file the model is the one its model section builds (keyed by that section)."""
+    model_spec = exp.model.model_dump(mode="json") if exp.terratorch is None else {
+        "terratorch": exp.terratorch.config["model"], "custom_modules_path": exp.terratorch.custom_modules_path}
+    spec = {"kind": "whole", "model": model_spec, "task": _model_spec(exp),
             "input": shape.key(), "mode": mode.key(), "torch": torch.__version__,
             "terratorch": _version("terratorch")}
 
@@ -147,13 +153,18 @@ def whole_step(exp: Experiment, shape: InputShape, mode: TraceMode, builders: Bu
 
         with torch.device("meta"), _MetaButCpuLinspace():
             model = builders.full_model(exp)
-        targets = lora_targets_of(model.encoder)
-        counts = count_params(model.encoder, targets, mode.lora[0] if mode.lora else None)
+        path = builders.backbone_path(model)
+        if path is None and (mode.lora or mode.grad_checkpointing or mode.four_bit):
+            raise PlanError(f"{type(model).__name__} has no backbone to adapt: this profile cannot be planned")
+        # no backbone found: the whole model is counted as one (its parameters all train, ZeRO partitions them)
+        backbone = model.get_submodule(path) if path else model
+        targets = lora_targets_of(backbone)
+        counts = count_params(backbone, targets, mode.lora[0] if mode.lora else None)
         head_params = sum(p.numel() for p in model.parameters()) - counts["total"]
         run_mode = dataclasses.replace(mode, lora=(*mode.lora[:3], tuple(targets))) if mode.lora else mode
         fake = FakeTensorMode()
         with fake:
-            prepare_for_trace(meta_to_fake_(model), run_mode, backbone=model.encoder)
+            prepare_for_trace(meta_to_fake_(model), run_mode, backbone=backbone)
         result = _trace_with_loss(exp, model, shape, mode, fake)
         return {**result, "counts": counts, "head_params": head_params,
                 "largest_layer": max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),

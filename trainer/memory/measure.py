@@ -35,8 +35,11 @@ class Measurer:
     """Counts and traced steps of one experiment, each measured once for every profile that needs it."""
 
     def __init__(self, exp: Experiment, shape: wl.InputShape, builders: head_mod.Builders | None,
-                 loads: bool | None = None, own: wl.OwnBackbone | None = None):
+                 loads: bool | None = None, own: wl.OwnBackbone | None = None, model_name: str | None = None):
         self.exp, self.shape, self.builders = exp, shape, builders
+        # set: the model (this class name) has no backbone terrascale can find (planner.estimate refuses the
+        # profiles that adapt one)
+        self.model_name = model_name
         self.loads = loads_checkpoint(exp) if loads is None else loads
         self.own = own or wl.own_backbone(exp)
         self.measured_now: list[str] = []

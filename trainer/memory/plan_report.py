@@ -42,7 +42,9 @@ def text_table(plan: Plan) -> str:
     s, b = plan.shape, plan.budget
     head = plan.counts.get("head")
     dates = f" x {s.dates} dates" if s.dates > 1 else ""
-    lines = [f"{plan.backbone} ({plan.mode}): batch {s.batch}{dates} x {s.channels} bands x {s.height}x{s.width}, "
+    mods = f" ({' + '.join(f'{n} {c}' for n, c in s.modalities)})" if s.modalities else ""
+    lines = [f"{plan.backbone} ({plan.mode}): batch {s.batch}{dates} x {s.channels} bands{mods} x "
+             f"{s.height}x{s.width}, "
              f"{_count(plan.counts.get('backbone', 0))} backbone"
              + (f" + {head / 1e6:.1f}M neck/decoder/head" if head else "") + f" parameters; budget GPU {_gib(b.gpu)} GiB, "
              f"CPU {_gib(b.cpu)} GiB" + (f", NVMe {b.nvme_path}" if b.nvme_path else ""),
@@ -89,7 +91,8 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "backbone": plan.backbone,
         "mode": plan.mode,
         "input": {"batch": plan.shape.batch, "dates": plan.shape.dates, "channels": plan.shape.channels,
-                  "height": plan.shape.height, "width": plan.shape.width},
+                  "height": plan.shape.height, "width": plan.shape.width,
+                  **({"modalities": dict(plan.shape.modalities)} if plan.shape.modalities else {})},
         "budget": {"gpu_bytes": b.gpu, "cpu_bytes": b.cpu, "nvme_path": b.nvme_path, "device": b.device},
         "counts": plan.counts,
         "profiles": [{

@@ -18,7 +18,7 @@ from trainer.memory import load_ram as lr
 from trainer.memory import states as st
 from trainer.memory import workload as wl
 from trainer.memory.measure import Measurer
-from trainer.memory.profiles import Profile, check_combination, resolve_profile
+from trainer.memory.profiles import Profile, adapts_backbone, check_combination, no_backbone_problem, resolve_profile
 from trainer.units import parse_size  # noqa: F401  (the planner's public API)
 
 GiB = 1 << 30
@@ -194,6 +194,8 @@ def estimate(exp: Experiment, profile: Profile, budget: Budget, m: Measurer, exh
     precision = precision_for(exp, profile, budget.device)
     est = Estimate(profile.name, precision)
     zero, refusal = _zero(exp, profile, precision)
+    if refusal is None and m.model_name is not None and adapts_backbone(profile):
+        refusal = no_backbone_problem(profile, m.model_name)  # the run's own refusal (trainer.terratorch_run)
     if refusal:
         est.refused = f"refused: {refusal}"
         est.why_not.append(est.refused)
@@ -217,6 +219,10 @@ def estimate(exp: Experiment, profile: Profile, budget: Budget, m: Measurer, exh
         raw, dyn = m.step(profile, precision)
     except RuntimeError as e:  # an op the model cannot run this way (shown in the row, not hidden)
         est.refused = f"cannot run this profile's step: {str(e).splitlines()[0][:160]}"
+        est.why_not.append(est.refused)
+        return est
+    except ConfigError as e:  # the run's own refusal of this profile on this model (trainer.fitting)
+        est.refused = f"refused: {'; '.join(e.issues)}"
         est.why_not.append(est.refused)
         return est
     c = _counts(raw, profile, zero, exp)
@@ -280,17 +286,23 @@ METHOD = {
 def plan_experiment(exp: Experiment, gpu_bytes: int, cpu_bytes: int, nvme_path: str | None = None, *,
                     tile_size: int | None = None, builders: head_mod.Builders | None = None,
                     device: str = "cuda", profiles: tuple[str, ...] = SPEED_ORDER, exhaustive: bool = False,
-                    loads_checkpoint: bool | None = None, backbone: wl.OwnBackbone | None = None) -> Plan:
+                    loads_checkpoint: bool | None = None, backbone: wl.OwnBackbone | None = None,
+                    shape: wl.InputShape | None = None, label: str | None = None,
+                    no_backbone: str | None = None) -> Plan:
     """Estimate every profile in `profiles` for `exp` on one GPU of `gpu_bytes` with `cpu_bytes` of RAM.
 
     A profile whose model states alone exceed the GPU budget is not traced (its GPU figure is then a lower
     bound, flagged); `exhaustive` traces every profile. `loads_checkpoint` (default: whether the experiment names
     pretrained weights) adds the checkpoint read to the CPU load peak. `backbone` replaces the experiment's catalog
-    backbone by the same architecture at another size (the validation test plans a small one)."""
+    backbone by the same architecture at another size (the validation test plans a small one).
+
+    A model built from a `terratorch fit` file (`trainer.terratorch_plan`) comes with `builders` that hand over
+    that model, the `shape` of its first training batch and a `label` for the report; `no_backbone` (the model's
+    class name) says it has no backbone terrascale can find, which refuses every profile that adapts one."""
     t0 = time.perf_counter()
     budget = Budget(gpu_bytes, cpu_bytes, nvme_path, device)
-    shape = wl.input_shape(exp, tile_size)
-    m = Measurer(exp, shape, builders, loads_checkpoint, backbone)
+    shape = shape or wl.input_shape(exp, tile_size)
+    m = Measurer(exp, shape, builders, loads_checkpoint, backbone, model_name=no_backbone)
     estimates = {name: estimate(exp, profile_for(exp, name), budget, m, exhaustive) for name in profiles}
     counts = m.summary()
     vlm = m.own is not None and m.own.family in wl.catalog.VLM_FAMILIES
@@ -298,7 +310,7 @@ def plan_experiment(exp: Experiment, gpu_bytes: int, cpu_bytes: int, nvme_path: 
     ck = checkpoint_of(exp, m)
     method = {**METHOD, "checkpoint": ck.source if ck else ("TerraTorch's own loading" if m.loads and m.own is None
                                                             else "none read (random initialisation)")}
-    return Plan(exp.model.backbone, mode, shape, budget, counts, estimates, method,
+    return Plan(label or exp.model.backbone, mode, shape, budget, counts, estimates, method,
                 time.perf_counter() - t0, m.measured_now)
 
 
@@ -317,17 +329,20 @@ def pick(plan: Plan) -> tuple[str | None, str]:
 
 def choose_profile(exp: Experiment, gpu_bytes: int, cpu_bytes: int, nvme_path: str | None = None, *,
                    builders: head_mod.Builders | None = None, tile_size: int | None = None,
-                   device: str = "cuda") -> tuple[Profile, str, str]:
+                   device: str = "cuda", **plan_kwargs) -> tuple[Profile, str, str]:
     """`memory.profile: auto`: (profile, table, reason) for the first profile in `SPEED_ORDER` whose GPU peak and
-    CPU need are within `AUTO_MARGIN` of the budget. Raises PlanError with the table when none is."""
+    CPU need are within `AUTO_MARGIN` of the budget. Raises PlanError with the table when none is.
+    `plan_kwargs` go to `plan_experiment` (a `terratorch fit` file's model: shape, label, no_backbone)."""
     plan = plan_experiment(exp, gpu_bytes, cpu_bytes, nvme_path, tile_size=tile_size, builders=builders,
-                           device=device)
+                           device=device, **plan_kwargs)
     table = plan.table()
     name, reason = pick(plan)
     if name is None:
+        # a `terratorch fit` file sets its batch size in its datamodule
+        batch = "data.init_args.batch_size" if getattr(exp, "terratorch", None) is not None else "data.batch_size"
         raise PlanError(f"no memory profile fits {plan.backbone} in {gpu_bytes / GiB:.1f} GiB of GPU memory and "
                         f"{cpu_bytes / GiB:.1f} GiB of CPU RAM with a {AUTO_MARGIN:.0%} margin:\n{table}\n"
-                        "To fit: lower data.batch_size or the tile size, give memory.nvme_path (zero3_nvme), raise "
+                        f"To fit: lower {batch} or the tile size, give memory.nvme_path (zero3_nvme), raise "
                         "memory.gpu_memory / memory.cpu_memory if the hardware has more, or name a profile that "
                         "fits without the margin ('tight') in memory.profile.")
     return profile_for(exp, name), table, reason

@@ -119,6 +119,20 @@ def check_combination(p: Profile, zero_stage: int, offloads: dict[str, str]) -> 
         raise ConfigError(problems)
 
 
+def adapts_backbone(p: Profile) -> bool:
+    """The profile changes the backbone itself (LoRA adapters, quantized linears, checkpointed blocks), so it needs
+    a model whose backbone terrascale can find."""
+    return p.lora is not None or p.quantization != "none" or p.grad_checkpointing
+
+
+def no_backbone_problem(p: Profile, model_name: str) -> str:
+    """Why `p` cannot run on a model with no backbone terrascale can find (the run refuses it, the planner
+    leaves it out of `auto`'s candidates with the same words)."""
+    return (f"memory.profile: {p.name} adapts the backbone, but {model_name} has none terrascale can find (encoder / "
+            "smp_model.encoder / unet_model); use profile full or zero2 (or a ZeRO-3 profile with "
+            "memory.grad_checkpointing=false)")
+
+
 def markdown_table() -> str:
     """The README's profile table, generated from PROFILES (a unit test keeps the README in sync)."""
     rows = ["| profile | what it does | when to use it | DeepSpeed preset | verified on CPU here | only on a GPU |",

@@ -290,13 +290,15 @@ def set_dtype_(module: nn.Module, dtype: torch.dtype, only: Callable[[nn.Module,
 
 
 def meta_to_fake_(module: nn.Module) -> nn.Module:
-    """Give a meta-device module fake CPU tensors (call inside the FakeTensorMode)."""
+    """Give a meta-device module fake CPU tensors (call inside the FakeTensorMode). A tensor the build left on
+    the CPU (the legacy `torch.Tensor(...)` constructor ignores `torch.device("meta")`: smp's first-conv patch for
+    other band counts) is replaced too: the trace must not touch real storage."""
     for mod in module.modules():
         for name, p in list(mod._parameters.items()):
-            if p is not None and p.device.type == "meta":
+            if p is not None and not isinstance(p, FakeTensor):
                 mod._parameters[name] = nn.Parameter(_fake_like(p), requires_grad=p.requires_grad)
         for name, b in list(mod._buffers.items()):
-            if b is not None and b.device.type == "meta":
+            if b is not None and not isinstance(b, FakeTensor):
                 mod._buffers[name] = _fake_like(b)
     return module
 

@@ -44,12 +44,19 @@ class InputShape:
     height: int
     width: int
     dates: int = 1  # change detection: T co-registered dates a sample, the model takes [B, T, C, H, W]
+    # a multimodal batch ({modality: [B, C_m, H, W]}, TerraMind through a TerraTorch datamodule): (name, C_m) in
+    # batch order, `channels` their sum; empty for one image tensor
+    modalities: tuple[tuple[str, int], ...] = ()
 
     def key(self) -> dict:
         """For cache keys; a single-date shape keys as it did before `dates` existed (the shipped seed holds)."""
         d = dataclasses.asdict(self)
         if self.dates == 1:
             del d["dates"]
+        if not self.modalities:
+            del d["modalities"]
+        else:
+            d["modalities"] = [list(m) for m in self.modalities]
         return d
 
     def per_date(self) -> "InputShape":
@@ -60,6 +67,14 @@ class InputShape:
         """The batch the loader hands the model."""
         return ((self.batch, self.dates) if self.dates > 1 else (self.batch,)) + (self.channels, self.height,
                                                                                    self.width)
+
+    def example(self, dtype: torch.dtype):
+        """A random batch of this shape (under a FakeTensorMode: a fake one), as the model takes it: one tensor,
+        or {modality: tensor} for a multimodal batch."""
+        if self.modalities:
+            return {name: torch.randn(self.batch, c, self.height, self.width, dtype=dtype)
+                    for name, c in self.modalities}
+        return torch.randn(*self.tensor(), dtype=dtype)
 
 
 def input_shape(exp: Experiment, tile_size: int | None = None) -> InputShape:
@@ -160,6 +175,8 @@ class OwnBackbone:
 
 def own_backbone(exp: Experiment) -> OwnBackbone | None:
     """The experiment's backbone if a terrascale class builds it (no TerraTorch needed), else None."""
+    if exp.terratorch is not None:  # a `terratorch fit` file: its model is whatever TerraTorch's CLI builds
+        return None
     name = exp.model.backbone
     try:
         entry = catalog.get(name)
