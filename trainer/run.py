@@ -215,6 +215,17 @@ def agree_on_auto(accelerator, name: str) -> None:
                         "GPUs differ; set memory.gpu_memory to the smallest card's size or name the profile")
 
 
+def announce_auto(accelerator, choice) -> None:
+    """Log an `auto` choice once every process agreed on it (trainer.memory.auto.AutoChoice)."""
+    agree_on_auto(accelerator, choice.profile)
+    log.info("memory.profile auto -> %s", choice.reason)
+    if choice.assumed_gpu:
+        log.warning("no GPU detected and memory.gpu_memory unset: auto planned for a %s RTX 4090; set "
+                    "memory.gpu_memory to the card this job is meant for", DEFAULT_GPU)
+    if accelerator.is_main_process and not choice.kept:
+        log.info("plan this choice was made from:\n%s", choice.table)
+
+
 def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> Job:
     """Profile → datasets → DeepSpeed config → Accelerator → model/optimizer/scheduler/loaders, prepared.
 
@@ -259,13 +270,7 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
     accelerator = make_accelerator(exp, ds_config, precision)
     setup_logging(accelerator.is_main_process)
     if auto_choice is not None:
-        agree_on_auto(accelerator, auto_choice.profile)
-        log.info("memory.profile auto -> %s", auto_choice.reason)
-        if auto_choice.assumed_gpu:
-            log.warning("no GPU detected and memory.gpu_memory unset: auto planned for a %s RTX 4090; set "
-                        "memory.gpu_memory to the card this job is meant for", DEFAULT_GPU)
-        if accelerator.is_main_process and not auto_choice.kept:
-            log.info("plan this choice was made from:\n%s", auto_choice.table)
+        announce_auto(accelerator, auto_choice)
     log.info("job %s: profile %s, precision %s, %s, %d process(es), %d steps (%d per epoch)", exp.job_dir,
              profile.name, precision, f"DeepSpeed ZeRO-{ds.zero_stage(ds_config)}" if ds_config else "no DeepSpeed",
              accelerator.num_processes, total, per_epoch)

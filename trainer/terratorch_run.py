@@ -23,20 +23,6 @@ def _refuse(exp: Experiment) -> None:
         raise ConfigError(problems, source=exp.terratorch.source)
 
 
-def _announce(accelerator, choice) -> None:
-    """What trainer.run.setup says about an `auto` choice (every process must have chosen the same)."""
-    from trainer import run as R
-    from trainer.memory.auto import DEFAULT_GPU
-
-    R.agree_on_auto(accelerator, choice.profile)
-    log.info("memory.profile auto -> %s", choice.reason)
-    if choice.assumed_gpu:
-        log.warning("no GPU detected and memory.gpu_memory unset: auto planned for a %s RTX 4090; set "
-                    "memory.gpu_memory to the card this job is meant for", DEFAULT_GPU)
-    if accelerator.is_main_process and not choice.kept:
-        log.info("plan this choice was made from:\n%s", choice.table)
-
-
 def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     from accelerate.utils import set_seed
 
@@ -89,7 +75,7 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     accelerator = R.make_accelerator(exp, ds_config, precision)
     setup_logging(accelerator.is_main_process)
     if auto_choice is not None:
-        _announce(accelerator, auto_choice)
+        R.announce_auto(accelerator, auto_choice)
     log.info("job %s: TerraTorch %s + %s (%s), profile %s, precision %s, %s, %d process(es), %d steps (%d per "
              "epoch)", exp.job_dir, type(built.task).__name__, type(built.task.model).__name__,
              type(built.datamodule).__name__, profile.name, precision,
