@@ -143,9 +143,19 @@ def run_simple(module, args) -> None:
     cmd, env = module.prepare_simple_launcher_cmd_env(args)
     env[PID_ENV] = str(os.getpid())
     # Own process group: a terminal's Ctrl-C or a kill of the launcher's group reaches training once, forwarded.
-    proc = subprocess.Popen(cmd, env=env, process_group=0)
-    with _Forwarder(lambda: [proc.pid] if proc.poll() is None else []):
-        code = proc.wait()
+    # The forwarder must be in place before the child exists: a SIGTERM between the fork and the handler would kill
+    # the launcher and leave training running. The signals wait (blocked) until both are there; the child starts
+    # with them unblocked.
+    procs: list[subprocess.Popen] = []
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    try:
+        with _Forwarder(lambda: [p.pid for p in procs if p.poll() is None]):
+            procs.append(subprocess.Popen(cmd, env=env, process_group=0,
+                                          preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)))
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+            code = procs[0].wait()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     sys.exit(shell_code(code))
 
 
