@@ -68,8 +68,16 @@ class TaskConfig(_Closed):
     num_classes: int = Field(2, ge=1, le=65536)
     # TerraTorch's losses crash on ignore_index=None: keep an integer that never occurs as a class.
     ignore_index: int = -1
-    # a TerraTorch loss name, a list of them (summed) or a {name: weight} dict (weighted sum)
+    # a TerraTorch loss name, a list of them (summed) or a {name: weight} dict (weighted sum); default: TerraTorch's
+    # own per task, ce (segmentation, change detection) or mse (regression)
     loss: str | list[str] | dict[str, float] = "ce"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_loss_per_task(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("loss") is None and data.get("name") == "regression":
+            data = {**data, "loss": "mse"}
+        return data
     class_weights: list[float] | None = None
     # change_detection only (trainer/temporal.py); None = the default: diff fusion over 2 dates
     fusion: Literal["diff", "concat", "native"] | None = None

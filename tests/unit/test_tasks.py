@@ -170,3 +170,10 @@ def test_regression_shape_mismatch_is_refused():
 def test_loss_mistakes_are_config_errors_at_load(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_experiment(None, overrides)
+
+
+def test_default_loss_is_terratorchs_per_task():
+    # TerraTorch's tasks default to ce (segmentation) and mse (pixelwise regression); so does task.loss
+    assert TaskConfig().loss == "ce" and TaskConfig(name="change_detection").loss == "ce"
+    assert TaskConfig(name="regression").loss == "mse"
+    assert load_experiment(None, ["task.name=regression"]).task.loss == "mse"
