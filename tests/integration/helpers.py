@@ -49,13 +49,18 @@ def env() -> dict[str, str]:
 
 def run_train(overrides: list[str], nproc: int = 1, timeout: int = 600, warm: bool = True,
               **kw) -> subprocess.CompletedProcess:
-    """`train_cmd(...)` run to completion. One process runs as a warm child (`tests/integration/warm.py`: forked
-    from a process that has already imported torch/DeepSpeed/TerraTorch, saving ~15-40 s per launch); `warm=False`
-    or TERRASCALE_TEST_WARM=0 runs the real `python launch/train.py`. Several processes always go through the real
-    `accelerate launch`."""
+    """`train_cmd(...)` run to completion. Each process runs as a warm child (`tests/integration/warm.py`: forked
+    from a process that has already imported torch/DeepSpeed/TerraTorch, saving ~15-40 s per launch); several
+    processes get the environment `accelerate launch` gives its workers (`warm.run_ranks`). `warm=False` or
+    TERRASCALE_TEST_WARM=0 runs the real `python launch/train.py` / `accelerate launch` (tests of the launcher
+    itself - signals, exit codes, nodes - use `train_cmd` directly)."""
     cmd, e = train_cmd(overrides, nproc, **kw), env()
     if warm and nproc == 1 and (r := _warm.run(cmd, ROOT, e, timeout)) is not None:
         return r
+    if warm and nproc > 1:
+        script = train_cmd(overrides, 1, **kw)  # the workers' own command line: python <script> <args>
+        if (r := _warm.run_ranks(script, ROOT, e, nproc, free_port(), timeout)) is not None:
+            return r
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 

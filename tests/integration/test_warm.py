@@ -90,3 +90,30 @@ def test_a_zygote_whose_socket_was_removed_is_replaced_aloud(tmp_path, capsys):
     assert again is not None and again.returncode == 5
     assert warm._zygotes[warm._key(e)] is not old and old.proc.poll() is not None
     assert "starting a new one" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_warm_ranks_and_a_real_two_process_launch_are_equal(tmp_path):
+    """`run_train(nproc=2)` forks both ranks from the zygote with the environment `accelerate launch` gives its
+    workers; a ZeRO-3 + CPU offload run must give what the real `accelerate launch` gives, bit for bit."""
+    args = [*TINY, f"data.root={tmp_path / 'data'}", "memory.profile=zero3_offload", "run.max_steps=4"]
+    w = check(run_train([*args, f"checkpoint.dir={tmp_path / 'warm'}"], nproc=2))
+    r = check(run_train([*args, f"checkpoint.dir={tmp_path / 'real'}"], nproc=2, warm=False))
+    assert w.args[0] == sys.executable and r.args[0].endswith("accelerate"), "both ran the real launcher"
+    for out in (w, r):
+        assert "2 process(es)" in out.stderr and "DeepSpeed ZeRO-3" in out.stderr
+    strip = lambda recs: [{k: v for k, v in m.items() if k not in ("time", "elapsed", "samples_per_s", "peak_rss_mb")}  # noqa: E731,E501
+                          for m in recs]
+    assert strip(metrics(tmp_path / "warm")) == strip(metrics(tmp_path / "real"))
+    a, b = load_export(tmp_path / "warm"), load_export(tmp_path / "real")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warm_ranks_exit_like_the_launcher_when_one_fails(tmp_path):
+    """A failing rank's own exit code comes back (a config error: 2), the other rank is stopped, nothing hangs."""
+    cmd = [sys.executable, str(PROBE), "rank-exit"]
+    t0 = time.monotonic()
+    r = warm.run_ranks(cmd, tmp_path, env(), 2, 29555, timeout=300, grace=5)
+    assert r is not None and r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "rank 1 exits 2" in r.stderr and "rank 0 waits" in r.stderr
+    assert time.monotonic() - t0 < 120

@@ -28,6 +28,7 @@ import atexit
 import hashlib
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -42,7 +43,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PRELOAD = ("torch", "numpy", "deepspeed", "accelerate", "terratorch", "transformers", "peft", "safetensors.torch",
            "rasterio", "torchmetrics", "trainer.cli", "trainer.checkpoint", "trainer.runtime", "trainer.validate",
            "trainer.run", "trainer.loop", "trainer.models", "trainer.export", "trainer.predict")
-VOLATILE = ("PYTEST_CURRENT_TEST",)  # changes per test; read by nothing at import time
+# change per test / per rank; read by nothing at import time (so every rank of a launch forks from one zygote)
+RANK_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+             "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+VOLATILE = ("PYTEST_CURRENT_TEST", *RANK_KEYS)
 READY = b"ready\n"
 
 
@@ -304,63 +308,150 @@ def prestart(env: dict[str, str]) -> None:
         _zygotes[_key(env)] = _Zygote(env)
 
 
+def _servable(argv: list[str]) -> bool:
+    return enabled() and argv[0] == sys.executable and len(argv) >= 2 and not (
+        argv[1].startswith("-") and (argv[1] != "-m" or len(argv) < 3))
+
+
+class _Launch:
+    """One warm child in flight: its pid, its output being collected, its exit status still to come."""
+
+    def __init__(self, z: _Zygote, argv: list[str], cwd: str | Path, env: dict[str, str]):
+        self.argv = argv
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.conn.connect(z.sock)
+        req = json.dumps({"argv": [str(a) for a in argv], "cwd": str(cwd), "env": env,
+                          "ignored": ignored_by_caller()}).encode() + b"\n"
+        socket.send_fds(self.conn, [req], [devnull, out_w, err_w])
+        for fd in (devnull, out_w, err_w):
+            os.close(fd)
+        self.fds = (out_r, err_r)
+        self.chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+        self.readers = [threading.Thread(target=self._drain, args=(fd,), daemon=True) for fd in self.fds]
+        for t in self.readers:
+            t.start()
+        self.buf = b""
+        self.pid = json.loads(self._line(None))["pid"]
+        self.returncode: int | None = None
+
+    def _line(self, timeout: float | None) -> bytes | None:
+        """The monitor's next line; b"" if it closed the connection, None if nothing came within `timeout`."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            if not select.select([self.conn], [], [], left)[0]:
+                return None
+            data = self.conn.recv(1 << 16)
+            if not data:
+                return b""
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+    def _drain(self, fd: int) -> None:
+        with os.fdopen(fd, "rb") as f:
+            while data := f.read1(1 << 16):
+                self.chunks[fd].append(data)
+
+    def wait(self, timeout: float | None) -> int | None:
+        """The exit status (-N for a signal), or None if it did not come within `timeout` seconds."""
+        if self.returncode is None:
+            line = self._line(timeout)
+            if line is None:
+                return None
+            if not line:  # the monitor died: treat as killed
+                line = json.dumps({"returncode": -signal.SIGKILL}).encode()
+            self.returncode = json.loads(line)["returncode"]
+        return self.returncode
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def output(self, join_timeout: float | None) -> tuple[str, str]:
+        for t in self.readers:  # grandchildren that kept the pipes open keep them open in a real run too
+            t.join(join_timeout)
+        self.conn.close()
+
+        def decode(fd: int) -> str:  # what subprocess's text mode gives: universal newlines
+            return b"".join(self.chunks[fd]).decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+
+        return decode(self.fds[0]), decode(self.fds[1])
+
+
 def run(argv: list[str], cwd: str | Path, env: dict[str, str], timeout: float | None = None,
         ) -> subprocess.CompletedProcess | None:
     """`subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)`, forked from a
     warm zygote, for `[sys.executable, script, ...]` and `[sys.executable, "-m", module, ...]`. None if no zygote
     can serve it (the caller then runs the real process)."""
-    if not enabled() or argv[0] != sys.executable or len(argv) < 2 or (argv[1].startswith("-") and (
-            argv[1] != "-m" or len(argv) < 3)):
+    if not _servable(argv) or (z := zygote(env)) is None:
         return None
-    z = zygote(env)
-    if z is None:
-        return None
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.connect(z.sock)
-    req = json.dumps({"argv": [str(a) for a in argv], "cwd": str(cwd), "env": env,
-                      "ignored": ignored_by_caller()}).encode() + b"\n"
-    socket.send_fds(conn, [req], [devnull, out_w, err_w])
-    for fd in (devnull, out_w, err_w):
-        os.close(fd)
-    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
-
-    def drain(fd: int) -> None:
-        with os.fdopen(fd, "rb") as f:
-            while data := f.read1(1 << 16):
-                chunks[fd].append(data)
-
-    readers = [threading.Thread(target=drain, args=(fd,), daemon=True) for fd in (out_r, err_r)]
-    for t in readers:
-        t.start()
-    f = conn.makefile("rb")
-    pid = json.loads(f.readline())["pid"]
+    launch = _Launch(z, argv, cwd, env)
     deadline = None if timeout is None else time.monotonic() + timeout
-    conn.settimeout(timeout)
-    try:
-        line = f.readline()
-    except (TimeoutError, socket.timeout):
-        line = b""
-    if not line:  # timed out (or the monitor died): kill like subprocess.run does, then report
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        conn.close()
-        for t in readers:
-            t.join(10)
-        raise subprocess.TimeoutExpired(argv, timeout, output=b"".join(chunks[out_r]).decode(errors="replace"),
-                                        stderr=b"".join(chunks[err_r]).decode(errors="replace"))
-    rc = json.loads(line)["returncode"]
-    for t in readers:  # grandchildren that kept the pipes open keep them open in a real run too
-        t.join(None if deadline is None else max(1.0, deadline - time.monotonic()))
-    conn.close()
-    def decode(fd: int) -> str:  # what subprocess's text mode gives: universal newlines
-        return b"".join(chunks[fd]).decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    rc = launch.wait(timeout)
+    if rc is None:  # timed out: kill like subprocess.run does, then report
+        launch.signal(signal.SIGKILL)
+        out, err = launch.output(10)
+        raise subprocess.TimeoutExpired(argv, timeout, output=out, stderr=err)
+    out, err = launch.output(None if deadline is None else max(1.0, deadline - time.monotonic()))
+    return subprocess.CompletedProcess(argv, rc, out, err)
 
-    return subprocess.CompletedProcess(argv, rc, decode(out_r), decode(err_r))
+
+def rank_env(env: dict[str, str], rank: int, nproc: int, port: int) -> dict[str, str]:
+    """What `accelerate launch --multi_gpu --num_processes N --mixed_precision no --dynamo_backend no` (torch
+    elastic underneath) gives rank `rank` of a one-machine job, as terrascale's launcher hook runs it."""
+    return {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_RANK": str(rank),
+            "ROLE_WORLD_SIZE": str(nproc), "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO",
+            "ACCELERATE_DYNAMO_MODE": "default", "ACCELERATE_DYNAMO_USE_FULLGRAPH": "False",
+            "ACCELERATE_DYNAMO_USE_DYNAMIC": "False", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
+            # the hook marks its workers; no launcher is their parent here, so trainer.runtime.follow_launcher
+            # (which checks the parent's pid) does nothing, as for any process a stale variable reached
+            "TERRASCALE_LAUNCHER_PID": "0"}
+
+
+def run_ranks(argv: list[str], cwd: str | Path, env: dict[str, str], nproc: int, port: int,
+              timeout: float | None = None, grace: float = 30.0) -> subprocess.CompletedProcess | None:
+    """`accelerate launch` of `argv` (`[sys.executable, script, ...]`) on `nproc` processes of this machine, each a
+    warm child with its rank's environment (`rank_env`). As torch elastic does: when a rank fails, the others get
+    SIGTERM, then SIGKILL after `grace` seconds; the exit code is the first failing rank's (a rank that died of
+    SIGTERM counts last: it was stopped because of another), 0 if all succeed. Output: each rank's stdout and
+    stderr, rank 0 first. None if no zygote can serve it."""
+    if not _servable(argv) or (z := zygote(env)) is None:
+        return None
+    launches = [_Launch(z, argv, cwd, rank_env(env, rank, nproc, port)) for rank in range(nproc)]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failed: list[tuple[bool, float, int, int]] = []  # (died of SIGTERM, when, rank, code)
+    stop_at = None
+    while any(x.returncode is None for x in launches):
+        for rank, x in enumerate(launches):
+            if x.returncode is None and x.wait(0.05) is not None and x.returncode != 0:
+                failed.append((x.returncode == -signal.SIGTERM, time.monotonic(), rank, x.returncode))
+        now = time.monotonic()
+        if failed and stop_at is None:  # elastic stops the others
+            for x in launches:
+                if x.returncode is None:
+                    x.signal(signal.SIGTERM)
+            stop_at = now + grace
+        if (stop_at is not None and now > stop_at) or (deadline is not None and now > deadline):
+            for x in launches:
+                if x.returncode is None:
+                    x.signal(signal.SIGKILL)
+            if deadline is not None and now > deadline and not failed:
+                outs = [x.output(10) for x in launches]
+                raise subprocess.TimeoutExpired(argv, timeout, output="".join(o for o, _ in outs),
+                                                stderr="".join(e for _, e in outs))
+    outs = [x.output(None if deadline is None else max(1.0, deadline - time.monotonic())) for x in launches]
+    rc = min(failed)[3] if failed else 0
+    if rc < 0:  # a shell reports a death by signal N as 128 + N, as the launcher hook does
+        rc = 128 - rc
+    return subprocess.CompletedProcess(argv, rc, "".join(o for o, _ in outs), "".join(e for _, e in outs))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ if sys.argv[1] == "sleep":
     import time
 
     time.sleep(120)
+if sys.argv[1] == "rank-exit":  # rank 1 fails at once, rank 0 would wait for it forever (a collective)
+    import time
+
+    if os.environ["RANK"] == "1":
+        print("rank 1 exits 2", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print("rank 0 waits", file=sys.stderr, flush=True)
+    time.sleep(600)
 if sys.argv[1] == "raise":
     raise RuntimeError("probe failed on purpose")
 sys.exit(int(sys.argv[1]))
