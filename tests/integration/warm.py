@@ -40,8 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PRELOAD = ("torch", "numpy", "deepspeed", "accelerate", "terratorch", "transformers", "peft", "safetensors.torch",
-           "rasterio", "torchmetrics", "trainer.cli", "trainer.checkpoint", "trainer.runtime", "trainer.validate",
-           "trainer.run", "trainer.loop", "trainer.models", "trainer.export", "trainer.predict")
+           "rasterio", "torchmetrics", "trainer.cli", "trainer.train.checkpoint", "trainer.runtime", "trainer.train.validate",
+           "trainer.train.run", "trainer.train.loop", "trainer.model.models", "trainer.train.export", "trainer.predict.predict")
 VOLATILE = ("PYTEST_CURRENT_TEST",)  # changes per test; read by nothing at import time
 READY = b"ready\n"
 
