@@ -51,7 +51,7 @@ def _small_internvl():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from trainer.cli.plan import terratorch_builders
+    from trainer.plan.builders import terratorch_builders
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TERRASCALE_CACHE", str(tmp_path_factory.mktemp("cache")))  # measure now, reuse nothing

@@ -102,7 +102,7 @@ def measure(job: Path, scratch: Path, windows: int, batch: int, precision: str) 
 
 
 def _measure_main(argv: list[str]) -> int:
-    from trainer.cli import report_error
+    from trainer.errors import report_error
     from trainer.errors import TerrascaleError
 
     p = argparse.ArgumentParser(prog="python -m trainer.bench.bench_predict measure")
@@ -145,8 +145,8 @@ def measure_job(job: Path, scratch: Path, windows: int, batch: int, precision: s
 def planned(job: Path, windows: int) -> dict[str, Any]:
     """The planner's inference estimate for the job's exported experiment: the CPU run this host does, and the
     GPU bound."""
-    from trainer.cli.plan import quiet, terratorch_builders
     from trainer.config import load_experiment
+    from trainer.plan.builders import quiet, terratorch_builders
     from trainer.plan.inference import plan_inference
     from trainer.predict.predict import resolve_export
 

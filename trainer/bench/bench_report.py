@@ -97,8 +97,8 @@ def _max_over_ranks(acc, t):
 
 
 def _measure_main(argv: list[str]) -> int:
-    from trainer.cli import report_error
     from trainer.config import load_experiment
+    from trainer.errors import report_error
     from trainer.errors import TerrascaleError
 
     p = argparse.ArgumentParser(prog="python -m trainer.bench.bench_report measure")

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import os
 import sys
-from trainer.errors import TerrascaleError
+from trainer.errors import TerrascaleError, report_error
 
 EXIT_ABORTED = 130  # what a shell reports for a process stopped by SIGINT
 EPILOG_OVERRIDES = ("Overrides are dotted keys after the options, e.g.\n"
@@ -182,12 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
 # (no TerraTorch, DeepSpeed or Accelerate at module level) so that `--help` and `plan` stay fast.
 COMMAND_MODULES: list[str] = ["trainer.cli.export", "trainer.cli.universal", "trainer.cli.sweep",
                               "trainer.cli.bench_report", "trainer.cli.plan", "trainer.cli.predict"]
-
-
-def report_error(err: TerrascaleError) -> None:
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-    print(f"{prefix}terrascale: error: {err}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

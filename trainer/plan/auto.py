@@ -95,7 +95,7 @@ def resolve(exp: Experiment, resuming: bool, builders=None, inputs=None) -> tupl
     """`exp` with `memory.profile: auto` replaced by the chosen profile (unchanged for any other profile)."""
     if exp.memory.profile != "auto":
         return exp, None
-    from trainer.cli.plan import quiet
+    from trainer.plan.builders import quiet
 
     with quiet():
         choice = choose(exp, resuming, builders, inputs)

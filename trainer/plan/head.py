@@ -8,7 +8,7 @@
   are traced whole, at full depth (they are ≤ 32 layers).
 
 TerraTorch is reached only through `Builders` handed in by the caller (the CLI passes
-`trainer.cli.plan.terratorch_builders()`): `memory/` never imports TerraTorch or `trainer.model.models` itself.
+`trainer.plan.builders.terratorch_builders()`): the planner imports TerraTorch and `trainer.model.models` only there.
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def head_step(exp: Experiment, outputs: list[list[int]], out_dtypes: list[str], 
             raise PlanError(f"the decoder of this experiment ({exp.model.decoder} with necks "
                             f"{[n.get('name') for n in exp.model.necks]}) has not been measured at these feature "
                             "shapes yet: run `terrascale plan --config ...` once (it imports TerraTorch, ~20 s), "
-                            "or pass builders=trainer.cli.plan.terratorch_builders()")
+                            "or pass builders=trainer.plan.builders.terratorch_builders()")
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         from trainer.plan.trace import meta_to_fake_
@@ -145,7 +145,7 @@ def whole_step(exp: Experiment, shape: InputShape, mode: TraceMode, builders: Bu
         if builders is None:
             raise PlanError(f"model.backbone {exp.model.backbone!r} is built by TerraTorch; planning it imports "
                             "TerraTorch once (~20 s): run `terrascale plan --config ...`, or pass "
-                            "builders=trainer.cli.plan.terratorch_builders()")
+                            "builders=trainer.plan.builders.terratorch_builders()")
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         from trainer.backbones.catalog import _MetaButCpuLinspace  # TerraMind's linspace(...).item() at build

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trainer.errors import CheckpointError, ConfigError, TerrascaleError
+from trainer.sweep.sweep_summary import JobResult
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def planned_memory(exp) -> tuple[float | None, float | None, str]:
     whether it fits. On a host without CUDA the planner predicts a CPU run (fp32, no CUDA context), which is
     what such a host observes. TerraTorch parts the planner has not measured before are measured (11-17 s).
     """
-    from trainer.cli.plan import terratorch_builders
+    from trainer.plan.builders import terratorch_builders
     from trainer.plan.planner import plan_experiment
     from trainer.runtime import cuda_available
 
@@ -225,21 +226,6 @@ def planned_memory(exp) -> tuple[float | None, float | None, str]:
     if not est.gpu:
         return None, None, f"planner: {est.refused or 'no estimate'}"
     return est.gpu["total"] / 2**20, est.cpu["total"] / 2**20, f"planned for {device}"
-
-
-@dataclass
-class JobResult:
-    name: str
-    status: str = "pending"  # pending | done | failed | interrupted
-    exit_code: int | None = None
-    attempts: int = 0
-    seconds: float = 0.0  # all attempts
-    tree_peak_rss_mb: float | None = None  # every process of the job, sampled twice a second
-    planned_peak_mb: float | None = None  # the device (GPU; the CPU itself on a host without one)
-    planned_cpu_mb: float | None = None
-    note: str = ""
-    error: str = ""
-    command: list[str] = field(default_factory=list)
 
 
 def _stderr_tail(path: Path, offset: int, lines: int = 25) -> str:

@@ -17,15 +17,30 @@ import io
 import json
 import os
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from trainer.train.report import PER_CLASS
 
 # the task's headline metric as the TerraTorch tasks log it (trainer.model.terratorch_task.primary_metric: mIoU for
 # segmentation, the change class's F1_Score, RMSE), then the names of jobs from releases before them
 PRIMARY = ("mIoU", "F1_Score", "RMSE", "miou", "f1", "rmse")
-# per-class metrics (TerraTorch's IoU_<class>, Class_Accuracy_<class>; earlier releases' names after them): the
-# logs keep them, summaries and the progress line leave them out
-PER_CLASS = ("IoU_", "Class_Accuracy_", "f1_class", "precision_", "recall_", "iou_class")
+
+
+@dataclass
+class JobResult:
+    name: str
+    status: str = "pending"  # pending | done | failed | interrupted
+    exit_code: int | None = None
+    attempts: int = 0
+    seconds: float = 0.0  # all attempts
+    tree_peak_rss_mb: float | None = None  # every process of the job, sampled twice a second
+    planned_peak_mb: float | None = None  # the device (GPU; the CPU itself on a host without one)
+    planned_cpu_mb: float | None = None
+    note: str = ""
+    error: str = ""
+    command: list[str] = field(default_factory=list)
 
 
 def read_metrics(job_dir: Path) -> list[dict]:
@@ -127,8 +142,6 @@ def _write(path: Path, text: str) -> None:
 
 
 def write_summary(sweep, results: dict) -> tuple[Path, Path]:
-    from trainer.sweep.sweep import JobResult
-
     axis_keys: list[str] = []
     for job in sweep.jobs:
         axis_keys += [k for k, _ in job.axes if k not in axis_keys]

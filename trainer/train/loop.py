@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import Sampler
 
 from trainer.config import RunConfig
-from trainer.sweep.sweep_summary import PER_CLASS
 from trainer.train.checkpoint import Progress, StopRequest
+from trainer.train.report import PER_CLASS
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# per-class metrics (TerraTorch's IoU_<class>, Class_Accuracy_<class>; earlier releases' names after them): the
+# logs keep them, summaries and the progress line leave them out
+PER_CLASS = ("IoU_", "Class_Accuracy_", "f1_class", "precision_", "recall_", "iou_class")
+
 
 class MetricsLog:
     """One JSON record per line, appended by rank 0; exactly one record per (split, step) whatever the kills.

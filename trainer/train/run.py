@@ -193,8 +193,8 @@ class Job:
 
 
 def resolve_auto(exp: Experiment, resuming: bool):
-    from trainer.cli.plan import terratorch_builders
     from trainer.plan import auto
+    from trainer.plan.builders import terratorch_builders
 
     return auto.resolve(exp, resuming, builders=terratorch_builders())
 
