@@ -167,7 +167,7 @@ def build_task(exp: Experiment, spec=None):
     from terratorch.registry import BACKBONE_REGISTRY
 
     from trainer.backbones.stream import LoadSpec, loading_spec
-    from trainer.model.models import factory_kwargs, register_ours
+    from trainer.model.registry import factory_kwargs, register_ours
 
     ours = register_ours()
     if exp.model.backbone not in BACKBONE_REGISTRY:

@@ -117,7 +117,7 @@ def _typed_aux_heads(args: dict, source: str | None) -> None:
 
 def instantiate(spec, seed: int, with_data: bool = True) -> Built:
     """TerraTorch's CLI objects for `spec` (trainer.config.TerraTorchSpec), without a Trainer."""
-    from trainer.model.models import register_ours
+    from trainer.model.registry import register_ours
 
     register_ours()  # terrascale's own backbones and TemporalEncoderDecoderFactory can be named in a file too
     if spec.custom_modules_path:
@@ -168,7 +168,7 @@ def instantiate(spec, seed: int, with_data: bool = True) -> Built:
 
 def check(spec, seed: int) -> list[str]:
     """Parse-only check at load (no model built): the problems TerraTorch's parser finds."""
-    from trainer.model.models import register_ours
+    from trainer.model.registry import register_ours
 
     register_ours()
     cli_cls = _cli_class()

@@ -22,7 +22,7 @@ def terratorch_builders():
     def around(exp, backbone):
         from terratorch.models import EncoderDecoderFactory
 
-        from trainer.model.models import FACTORY_TASK, factory_kwargs, register_ours
+        from trainer.model.registry import FACTORY_TASK, factory_kwargs, register_ours
 
         kwargs = {k: v for k, v in factory_kwargs(exp, register_ours()).items() if not k.startswith("backbone_")}
         necks = [dict(n) for n in exp.model.necks] or None

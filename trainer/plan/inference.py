@@ -28,14 +28,12 @@ from trainer.memory import states as st
 from trainer.plan import head as head_mod
 from trainer.plan import load_ram as lr
 from trainer.plan import workload as wl
+from trainer.plan.assumptions import PEAK_FLOPS  # noqa: F401  (public here)
 from trainer.plan.measure import Measurer
 from trainer.plan.planner import CUDA_CONTEXT_BYTES, FRAGMENTATION, GPU_FLOPS, GiB, checkpoint_of
 
 PRECISIONS = ("nf4", "int8", "bf16", "fp32")
 COMPUTE = {"nf4": "bf16", "int8": "bf16", "bf16": "bf16", "fp32": "fp32"}
-# NVIDIA Ada GPU architecture whitepaper, GeForce RTX 4090: 165.2 TFLOPS dense BF16 tensor (FP32 accumulate),
-# 82.6 TFLOPS FP32 (non-tensor; PyTorch keeps TF32 matmuls off by default, and TF32 tensor is also 82.6 dense).
-PEAK_FLOPS = {"bf16": GPU_FLOPS, "fp32": 82.6e12}
 MAX_WINDOWS = 4096  # the search for the largest batch stops here
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from trainer.plan.assumptions import (AUTO_MARGIN, CUDA_CONTEXT_BYTES, FRAGMENTATION, GPU_FLOPS, NVME_READ_PER_S,
+                                      NVME_WRITE_PER_S, PCIE_BYTES_PER_S, PEAK_FLOPS, SPEED_ORDER, pick)
+
 if TYPE_CHECKING:
     from trainer.plan.planner import Plan
 
@@ -37,7 +40,6 @@ def _count(n: int) -> str:
 
 
 def text_table(plan: Plan) -> str:
-    from trainer.plan import planner
     s, b = plan.shape, plan.budget
     head = plan.counts.get("head")
     dates = f" x {s.dates} dates" if s.dates > 1 else ""
@@ -61,16 +63,16 @@ def text_table(plan: Plan) -> str:
                      + "".join(f"{_gib(g[k]) if k else '-':>6}" for k in terms)
                      + f"   {_gib(est.cpu['total']):>7}  {(_gib(est.nvme) if est.nvme else '-'):>5}  {fits:<5} "
                      + step_text(est))
-    _, reason = planner.pick(plan)
+    _, reason = pick(plan)
     lines += ["", f"auto: {reason}"]
     if any(e.why_not for e in plan.estimates.values()):
         lines += ["does not fit:"] + [f"  {n}: {'; '.join(e.why_not)}" for n, e in plan.estimates.items() if e.why_not]
-    lines += [f"fits: yes = within {planner.AUTO_MARGIN:.0%} of the budget, tight = fits without that margin. "
+    lines += [f"fits: yes = within {AUTO_MARGIN:.0%} of the budget, tight = fits without that margin. "
               f"CPU = max(loading the model, offloaded states). '>': model states alone exceed the GPU, "
               f"activations not traced.",
-              f"Assumed: RTX 4090 {planner.GPU_FLOPS / 1e12:.1f} TFLOPS dense bf16 (fp32 accumulate), PCIe 4.0 x16 "
-              f"{planner.PCIE_BYTES_PER_S / 1e9:.0f} GB/s, CUDA context {planner.CUDA_CONTEXT_BYTES / GiB:.2f} GiB + "
-              f"{planner.FRAGMENTATION:.0%} fragmentation; no GPU measurement yet (docs/planner.md)."]
+              f"Assumed: RTX 4090 {GPU_FLOPS / 1e12:.1f} TFLOPS dense bf16 (fp32 accumulate), PCIe 4.0 x16 "
+              f"{PCIE_BYTES_PER_S / 1e9:.0f} GB/s, CUDA context {CUDA_CONTEXT_BYTES / GiB:.2f} GiB + "
+              f"{FRAGMENTATION:.0%} fragmentation; no GPU measurement yet (docs/planner.md)."]
     if "checkpoint" in plan.method:
         lines.append(f"checkpoint: {plan.method['checkpoint']}")
     if plan.measured_now:
@@ -81,8 +83,7 @@ def text_table(plan: Plan) -> str:
 
 
 def to_json(plan: Plan) -> dict[str, Any]:
-    from trainer.plan import planner
-    choice, reason = planner.pick(plan)
+    choice, reason = pick(plan)
     b = plan.budget
     return {
         "schema": SCHEMA,
@@ -102,11 +103,11 @@ def to_json(plan: Plan) -> dict[str, Any]:
                             "lower_bound": e.step_bound_s},
         } for e in plan.estimates.values()],
         "auto": {"profile": choice, "reason": reason},
-        "assumptions": {"gpu_bf16_flops": planner.GPU_FLOPS, "pcie_bytes_per_s": planner.PCIE_BYTES_PER_S,
-                        "nvme_read_bytes_per_s": planner.NVME_READ_PER_S,
-                        "nvme_write_bytes_per_s": planner.NVME_WRITE_PER_S,
-                        "cuda_context_bytes": planner.CUDA_CONTEXT_BYTES, "fragmentation": planner.FRAGMENTATION,
-                        "auto_margin": planner.AUTO_MARGIN, "speed_order": list(planner.SPEED_ORDER)},
+        "assumptions": {"gpu_bf16_flops": GPU_FLOPS, "pcie_bytes_per_s": PCIE_BYTES_PER_S,
+                        "nvme_read_bytes_per_s": NVME_READ_PER_S,
+                        "nvme_write_bytes_per_s": NVME_WRITE_PER_S,
+                        "cuda_context_bytes": CUDA_CONTEXT_BYTES, "fragmentation": FRAGMENTATION,
+                        "auto_margin": AUTO_MARGIN, "speed_order": list(SPEED_ORDER)},
         "method": dict(plan.method),
         "measured_now": list(plan.measured_now),
         "seconds": round(plan.seconds, 3),
@@ -124,8 +125,6 @@ def px_rate(px: float | None) -> str:
 
 def inference_table(plan) -> str:
     """`launch/plan.py --inference`: memory and compute bound of prediction per weight precision."""
-    from trainer.plan import inference as inf
-    from trainer.plan import planner
     s, c = plan.shape, plan.counts
     where = "GPU" if plan.device == "cuda" else "device (CPU run)"
     lines = [f"{plan.backbone}: prediction, {s.batch} window(s) per batch of {s.channels} bands x {s.height}x{s.width}"
@@ -150,10 +149,10 @@ def inference_table(plan) -> str:
               "per batch (fake tensors), linear in the batch: max windows = the largest batch within the budget. "
               "CPU = the streaming loader's load peak (quantized weights go to the GPU as they arrive).",
               f"Compute bound: traced forward FLOPs per window at the RTX 4090's dense peak, "
-              f"{inf.PEAK_FLOPS['bf16'] / 1e12:.1f} TFLOPS bf16 (nf4/int8/bf16: matmuls in bf16) and "
-              f"{inf.PEAK_FLOPS['fp32'] / 1e12:.1f} TFLOPS fp32 (NVIDIA Ada architecture whitepaper); windows overlap "
+              f"{PEAK_FLOPS['bf16'] / 1e12:.1f} TFLOPS bf16 (nf4/int8/bf16: matmuls in bf16) and "
+              f"{PEAK_FLOPS['fp32'] / 1e12:.1f} TFLOPS fp32 (NVIDIA Ada architecture whitepaper); windows overlap "
               "in a scene, so scene px/s is lower by the overlap. "
-              f"Allowance: CUDA context {planner.CUDA_CONTEXT_BYTES / GiB:.2f} GiB + {planner.FRAGMENTATION:.0%}. "
+              f"Allowance: CUDA context {CUDA_CONTEXT_BYTES / GiB:.2f} GiB + {FRAGMENTATION:.0%}. "
               "No GPU measurement yet (docs/planner.md)."]
     if plan.measured_now:
         lines.append(f"measured now (then cached): {', '.join(plan.measured_now)}")

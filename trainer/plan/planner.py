@@ -18,24 +18,13 @@ from trainer.memory.profiles import Profile, adapts_backbone, check_combination,
 from trainer.plan import head as head_mod
 from trainer.plan import load_ram as lr
 from trainer.plan import workload as wl
+from trainer.plan.assumptions import (AUTO_MARGIN, CUDA_CONTEXT_BYTES, FRAGMENTATION,  # noqa: F401  (public here)
+                                      GPU_FLOPS, NVME_READ_PER_S, NVME_WRITE_PER_S, PCIE_BYTES_PER_S, SPEED_ORDER,
+                                      pick)
 from trainer.plan.measure import Measurer
 from trainer.units import parse_size  # noqa: F401  (the planner's public API)
 
 GiB = 1 << 30
-# --- assumptions (no GPU has been measured for this planner; docs/planner.md) ---------------------------
-# RTX 4090 BF16 tensor-core throughput with FP32 accumulate, dense: 165.2 TFLOPS (NVIDIA Ada GPU architecture
-# whitepaper, GeForce RTX 4090 specifications; 330.3 is the 2:4-sparse figure).
-GPU_FLOPS = 165.2e12
-PCIE_BYTES_PER_S = 25e9     # PCIe 4.0 x16: 31.5 GB/s raw per direction; ~25 GB/s with pinned host buffers
-NVME_READ_PER_S, NVME_WRITE_PER_S = 7e9, 6e9  # a PCIe 4.0 x4 NVMe drive, sequential
-CUDA_CONTEXT_BYTES = 768 << 20  # CUDA context + cuBLAS/cuDNN workspaces on the GPU before any tensor
-FRAGMENTATION = 0.05        # PyTorch caching allocator: block rounding and fragmentation, share of tensor peak
-AUTO_MARGIN = 0.10          # `auto` wants the GPU peak and CPU need at most 90 % of the budget
-# Fastest first, for one GPU (reasoning in docs/planner.md). On one GPU ZeRO shards nothing: zero2 needs more
-# GPU memory than full, zero3 more than lora; they are ranked by speed but can only win on several GPUs.
-SPEED_ORDER = ("full", "zero2", "lora", "zero3", "qlora", "zero3_offload_optimizer", "zero3_offload_lora",
-               "zero3_offload", "zero3_nvme")
-
 
 @dataclass(frozen=True)
 class Budget:
@@ -312,19 +301,6 @@ def plan_experiment(exp: Experiment, gpu_bytes: int, cpu_bytes: int, nvme_path: 
                                                             else "none read (random initialisation)")}
     return Plan(label or exp.model.backbone, mode, shape, budget, counts, estimates, method,
                 time.perf_counter() - t0, m.measured_now)
-
-
-def pick(plan: Plan) -> tuple[str | None, str]:
-    """(profile name or None, reason): the first of `SPEED_ORDER` that fits with `AUTO_MARGIN` to spare."""
-    for name in SPEED_ORDER:
-        est = plan.estimates.get(name)
-        if est is not None and est.fits_with_margin:
-            return name, (f"{name}, the fastest profile that fits with {AUTO_MARGIN:.0%} to spare (GPU "
-                          f"{est.gpu['total'] / GiB:.1f} of {plan.budget.gpu / GiB:.1f} GiB, CPU "
-                          f"{est.cpu['total'] / GiB:.1f} of {plan.budget.cpu / GiB:.1f} GiB)")
-    tight = [n for n, e in plan.estimates.items() if e.fits]
-    return None, "no profile fits with a {:.0%} margin{}".format(
-        AUTO_MARGIN, f" ({', '.join(tight)} fit without it)" if tight else "")
 
 
 def choose_profile(exp: Experiment, gpu_bytes: int, cpu_bytes: int, nvme_path: str | None = None, *,

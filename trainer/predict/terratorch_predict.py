@@ -136,7 +136,7 @@ def _training_band_count(exp: Experiment) -> int | None:
 
 def check_inputs(paths: Sequence[Path], exp: Experiment, prep: Preparation) -> list[TileHeader]:
     """One readable, georeferenced scene with the bands the datamodule read (DataError naming the file)."""
-    from trainer.predict.predict import check_inputs as check_scene
+    from trainer.predict.inputs import check_inputs as check_scene
 
     if len(paths) != 1:
         raise DataError(f"a TerraTorch-file job predicts one scene (--input), but {len(paths)} files were given: "

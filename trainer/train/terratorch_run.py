@@ -32,7 +32,7 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     from trainer.model.fitting import apply_profile
     from trainer.plan.terratorch_plan import resolve_auto
     from trainer.runtime import cuda_available, prepare_environment, setup_logging
-    from trainer.train import run as R
+    from trainer.train import job as J
     from trainer.train.checkpoint import drop_frozen_weights, has_frozen_parameters
     from trainer.train.loop import EpochSampler, steps_per_epoch, total_steps
     from trainer.train.universal import with_load_universal
@@ -59,12 +59,12 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     exp, auto_choice = resolve_auto(exp, built, train_ds, batch_size, resuming)
     profile = resolve_profile(exp.memory)
     prepare_environment(deepspeed=profile.deepspeed is not None)  # a no-op unless auto chose a DeepSpeed profile
-    precision = R.resolve_precision(exp, profile, has_cuda)
+    precision = J.resolve_precision(exp, profile, has_cuda)
     if spec.eval_every_epochs is not None:  # trainer.check_val_every_n_epoch: validate at epoch ends
         every = spec.eval_every_epochs * per_epoch
         exp = exp.model_copy(update={"run": exp.run.model_copy(update={"eval_every": every})})
     total = total_steps(exp.run, per_epoch)
-    ds_config = R._ds_config(exp, profile, precision, world, total)
+    ds_config = J._ds_config(exp, profile, precision, world, total)
     if ds_config is not None and ("optimizer" in ds_config or "scheduler" in ds_config):
         raise ConfigError(["memory.deepspeed: the DeepSpeed JSON names its own optimizer/scheduler; a terratorch "
                            "file's optimizer and lr_scheduler blocks are used instead: remove them from the JSON"])
@@ -72,10 +72,10 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
         ds_config = with_load_universal(ds_config)
     stage = ds.zero_stage(ds_config) if ds_config else 0
     check_combination(profile, stage, ds.offloads(ds_config) if ds_config else {})
-    accelerator = R.make_accelerator(exp, ds_config, precision)
+    accelerator = J.make_accelerator(exp, ds_config, precision)
     setup_logging(accelerator.is_main_process)
     if auto_choice is not None:
-        R.announce_auto(accelerator, auto_choice)
+        J.announce_auto(accelerator, auto_choice)
     log.info("job %s: TerraTorch %s + %s (%s), profile %s, precision %s, %s, %d process(es), %d steps (%d per "
              "epoch)", exp.job_dir, type(built.task).__name__, type(built.task.model).__name__,
              type(built.datamodule).__name__, profile.name, precision,
@@ -86,7 +86,7 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     path = T.backbone_path(model)
     if path is None and adapts_backbone(profile):
         raise ConfigError([no_backbone_problem(profile, type(model).__name__)], source=spec.source)
-    model = apply_profile(model, profile, R.COMPUTE_DTYPE[precision], stage, encoder_path=path or "encoder")
+    model = apply_profile(model, profile, J.COMPUTE_DTYPE[precision], stage, encoder_path=path or "encoder")
     built.task.model = model
     if ds_config is not None and precision == "bf16":
         model = model.to(torch.bfloat16)
@@ -102,7 +102,7 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     if ds_config is None and has_frozen_parameters(model):
         accelerator.register_save_state_pre_hook(drop_frozen_weights)
-    job = R.Job(exp, profile, precision, ds_config, accelerator, model, optimizer, scheduler, False, train_loader,
+    job = J.Job(exp, profile, precision, ds_config, accelerator, model, optimizer, scheduler, False, train_loader,
                 val_loader, sampler, train_ds, val_ds, per_epoch, total, auto_choice)
     job.task_steps = T.TaskSteps(built.task, built.datamodule, job.input_dtype)
     job.task_metrics = T.TaskMetrics(built.task)
