@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "launch/configs/internvl2_26b_forest.yaml"
 TARGETS = {"qlora": 0.6, "zero3_offload_lora": 2.3}  # B/param above the process baseline (issue #12)
 TARGET_BUILD_READ_S_PER_B = 2.0

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MiB, GiB = 2**20, 2**30
 REPEATS = 2
 # The real-width job's load (its checkpoint and export, seconds) dwarfs a few small windows: give it more of them.

@@ -34,7 +34,7 @@ from trainer.sweep.sweep_summary import JobResult
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = ROOT / "launch" / "train.py"
 DONE_FILE = "sweep_done.json"
 STATE_FILE = "sweep.json"
