@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 from trainer.backbones import catalog
-from trainer.memory import workload as wl
-
-
+from trainer.plan import workload as wl
 def small_internvl(spec_name: str, bands: int, tile: int) -> wl.OwnBackbone:
     """InternVL2.5's architecture (InternViT + Qwen2 LM, same flavour switches) at a CPU-friendly size, deeper
     than the 2 and 4 layers the planner traces. `spec_name` keys the planner's cache."""

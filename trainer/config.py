@@ -48,7 +48,7 @@ class ModelConfig(_Closed):
 
 
 # TerraTorch's loss names per task (its segmentation and regression tasks' `init_loss`), plus two spellings of
-# earlier terrascale releases; trainer.tasks hands them to TerraTorch's task.
+# earlier terrascale releases; trainer.model.tasks hands them to TerraTorch's task.
 CLASSIFICATION_LOSSES = ("ce", "dice", "focal", "jaccard", "lovasz")
 REGRESSION_LOSSES = ("mse", "rmse", "mae", "huber")
 LOSS_ALIASES: dict[str, str | list[str]] = {"ce_dice": ["ce", "dice"], "l1": "mae"}
@@ -79,7 +79,7 @@ class TaskConfig(_Closed):
             data = {**data, "loss": "mse"}
         return data
     class_weights: list[float] | None = None
-    # change_detection only (trainer/temporal.py); None = the default: diff fusion over 2 dates
+    # change_detection only (trainer/model/temporal.py); None = the default: diff fusion over 2 dates
     fusion: Literal["diff", "concat", "native"] | None = None
     num_dates: int | None = Field(None, ge=2, le=64)
 
@@ -245,7 +245,7 @@ class MemoryConfig(_Closed):
     # fp32 states (8 bytes per trainable parameter with Adam/AdamW). adamw_8bit: bitsandbytes' AdamW8bit, both
     # moments blockwise-quantized to 8 bits (~2 bytes per parameter; tensors under 4096 elements stay fp32).
     # paged_adamw_8bit: the same in CUDA unified memory, evicted to CPU RAM under GPU memory pressure (on a
-    # CPU-only host, plain adamw_8bit). Both need optim.name: adamw and no DeepSpeed (trainer.run.build_optimizer).
+    # CPU-only host, plain adamw_8bit). Both need optim.name: adamw and no DeepSpeed (trainer.train.run.build_optimizer).
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
 
     @model_validator(mode="after")
@@ -307,7 +307,7 @@ class CheckpointConfig(_Closed):
 
 class TerraTorchSpec(_Closed):
     """A `terratorch fit` file's model/data/optimizer/lr_scheduler sections, verbatim: TerraTorch's own
-    LightningCLI parser instantiates them (trainer.terratorch_task); `trainer.terratorch_compat` fills this."""
+    LightningCLI parser instantiates them (trainer.model.terratorch_task); `trainer.terratorch_compat` fills this."""
 
     config: dict[str, Any]
     source: str | None = None
@@ -497,7 +497,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
     """Read a terrascale YAML, or a `terratorch fit` (LightningCLI) YAML, apply overrides, validate.
 
     The checks that need TerraTorch's registries (backbone/neck/decoder kwargs, band names) are
-    `trainer.validate.load_checked`'s, which `terrascale train` runs."""
+    `trainer.train.validate.load_checked`'s, which `terrascale train` runs."""
     raw = load_raw(path, overrides)
     return experiment_from_raw(raw, source=str(path) if path else "defaults", from_file=path is not None)
 

@@ -5,6 +5,9 @@ them into a message on stderr and an exit code (2 for bad input) instead of a tr
 """
 from __future__ import annotations
 
+import os
+import sys
+
 
 class TerrascaleError(Exception):
     """Base of every error terrascale raises on purpose; `exit_code` is what the launcher returns."""
@@ -43,3 +46,10 @@ class CheckpointError(TerrascaleError):
     """A checkpoint cannot be found, read or written."""
 
     exit_code = 1
+
+
+def report_error(err: TerrascaleError) -> None:
+    """How every entry point prints an error it exits on (stderr; the rank when it is not 0)."""
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+    print(f"{prefix}terrascale: error: {err}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 TerraTorch builds, terrascale trains. The `model`, `data`, `optimizer` and `lr_scheduler` sections are kept
 verbatim (`Experiment.terratorch`) and instantiated later by TerraTorch's own LightningCLI parser
-(`trainer.terratorch_task`): any task, any model factory, its losses, metrics and datamodule. This module
+(`trainer.model.terratorch_task`): any task, any model factory, its losses, metrics and datamodule. This module
 only reads the `trainer:` section and the top-level keys, cheaply (no TerraTorch import):
 
 - honoured (become `run.*` / `checkpoint.*`): max_epochs, max_steps, precision, accumulate_grad_batches,

@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.integration.helpers import ROOT
-from trainer import bench_load
 from trainer.backbones import synth_checkpoint
+from trainer.bench import bench_load
 
 WIDTH_DIVISOR = 2
 # Peak B/param above the pre-load RSS at this small size (0.21B parameters, one layer per stack). qlora's peak here

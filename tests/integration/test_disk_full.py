@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.helpers import TINY, run_train, small_filesystem
-from trainer.checkpoint import list_complete
+from trainer.train.checkpoint import list_complete
 
 
 @pytest.mark.slow

@@ -9,10 +9,10 @@ from torch.testing import assert_close
 
 from trainer.config import DEMO_CONFIG, load_experiment
 from trainer.errors import ConfigError
-from trainer.export import load_exported, merged_model, save_safetensors
-from trainer.fitting import apply_profile, enable_grad_checkpointing
 from trainer.memory.profiles import PROFILES, check_combination, resolve_profile
-from trainer.models import build_model, model_output
+from trainer.model.fitting import apply_profile, enable_grad_checkpointing
+from trainer.model.models import build_model, model_output
+from trainer.train.export import load_exported, merged_model, save_safetensors
 
 TINY = ["model.backbone_kwargs.img_size=32"]
 

@@ -1,6 +1,6 @@
 """The native schema builds through the same path as a `terratorch fit` file: TerraTorch's task, trained by terrascale.
 
-For the shipped forest / InSAR / change-detection configs (tiny Prithvi), `trainer.run.setup` builds the job; its
+For the shipped forest / InSAR / change-detection configs (tiny Prithvi), `trainer.train.run.setup` builds the job; its
 first-batch loss, as the loop computes it, equals the TerraTorch task's own `training_step` on the same batch, with
 the same initial weights (a fresh task built with the same seed), and a few optimizer steps lower it.
 """
@@ -24,9 +24,9 @@ def test_native_first_batch_loss_is_the_terratorch_tasks(tmp_path, name):
     from accelerate.utils import set_seed
 
     from trainer.config import load_experiment
-    from trainer.loop import epoch_loader
-    from trainer.run import setup
-    from trainer.tasks import build_task
+    from trainer.model.tasks import build_task
+    from trainer.train.loop import epoch_loader
+    from trainer.train.run import setup
 
     exp = load_experiment(ROOT / "launch" / "configs" / f"{CONFIGS[name]}.yaml",
                           [*TINY, f"data.root={tmp_path / 'data'}", f"checkpoint.dir={tmp_path / 'job'}"])

@@ -5,8 +5,8 @@ CUDA context) is compared with MemTracker's peak over *real* tensors: parameters
 states, activations and temporaries of the second training step (the first creates the optimizer states) of
 the real model: terrascale's InternVL backbone at a small width with more layers than the planner traces
 (so the depth extrapolation is exercised), TerraTorch's necks + UNet decoder + head, the profile applied by
-`trainer.fitting.apply_profile` (real peft LoRA, real bitsandbytes NF4), fused AdamW and gradient clipping as
-`trainer.run` builds them. The prediction goes through the planner's own path: meta-device counts, fake-tensor
+`trainer.model.fitting.apply_profile` (real peft LoRA, real bitsandbytes NF4), fused AdamW and gradient clipping as
+`trainer.train.run` builds them. The prediction goes through the planner's own path: meta-device counts, fake-tensor
 traces at 2 and 4 layers per stack, the separate decoder trace, the states arithmetic.
 ZeRO profiles are not compared here: on a CPU-only host DeepSpeed's "device" is the CPU that also holds the
 offloaded states, so there is no device-memory figure to hold the GPU estimate against.
@@ -20,9 +20,8 @@ import torch
 
 from tests.small_models import small_internvl
 from trainer.config import build_experiment
-from trainer.memory import planner
-from trainer.memory import workload as wl
-
+from trainer.plan import planner
+from trainer.plan import workload as wl
 TOLERANCE = 0.10
 TILE, BATCH, BANDS = 64, 2, 6
 # fp32: the CPU run's policy. bf16 (autocast, frozen weights cast to bf16, trainables fp32): the GPU run's policy
@@ -52,7 +51,7 @@ def _small_internvl():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from trainer.plan_cli import terratorch_builders
+    from trainer.plan.builders import terratorch_builders
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TERRASCALE_CACHE", str(tmp_path_factory.mktemp("cache")))  # measure now, reuse nothing
@@ -66,7 +65,7 @@ def setup(tmp_path_factory):
 
 
 def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """What the streaming loader does on a 16-bit run without DeepSpeed (trainer.fitting.cast_frozen): frozen
+    """What the streaming loader does on a 16-bit run without DeepSpeed (trainer.model.fitting.cast_frozen): frozen
     floating-point parameters in the compute dtype, trainable ones (adapters, neck, decoder, head) fp32."""
     for module in model.modules():
         for name, p in list(module._parameters.items()):
@@ -76,9 +75,9 @@ def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def _real_peak(exp, own, builders, profile_name: str) -> dict[str, int]:
     from trainer.backbones.factory import _model_class
-    from trainer.fitting import apply_profile
-    from trainer.memory.trace import trace_step
-    from trainer.tasks import loss_fn as task_loss
+    from trainer.model.fitting import apply_profile
+    from trainer.model.tasks import loss_fn as task_loss
+    from trainer.plan.trace import trace_step
 
     torch.manual_seed(0)
     backbone = _model_class(own.family)(copy.deepcopy(own.config), **own.kwargs)
@@ -90,7 +89,7 @@ def _real_peak(exp, own, builders, profile_name: str) -> dict[str, int]:
         _cast_frozen(model, amp)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as trainer.run.build_optimizer
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as trainer.train.run.build_optimizer
     loss_fn = task_loss(exp.task)  # the criterion the task's TerraTorch task trains with
     batch = {}
 

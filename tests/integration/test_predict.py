@@ -1,4 +1,4 @@
-"""Sliding-window prediction (trainer/predict.py, `launch/predict.py`) with tiny untrained models, in process.
+"""Sliding-window prediction (trainer/predict/predict.py, `launch/predict.py`) with tiny untrained models, in process.
 
 A job export is made by hand for each task (the matrix config with its tiny override, random weights,
 config.yaml, stats.json). Scenes are several tiles large and not a multiple of the tile. Checked: the output's
@@ -31,8 +31,8 @@ TASKS = {"forest": ("segmentation", 6), "insar": ("regression", 4), "change": ("
 
 def make_export(root, task: str):
     """A job export as `export_job` writes it: config.yaml, model.safetensors, stats.json."""
-    from trainer.export import save_safetensors
-    from trainer.models import build_model
+    from trainer.model.models import build_model
+    from trainer.train.export import save_safetensors
 
     # The config's tiny variant; a narrower decoder keeps the 3 x 24 reference forwards cheap.
     exp = load_experiment(ROOT / f"launch/configs/prithvi_{task}.yaml",
@@ -105,7 +105,7 @@ def window_outputs(exp, model, mean, std, scenes) -> dict[tuple[int, int], np.nd
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_stitched_equals_window_inference_and_keeps_georeferencing(tmp_path, exports, task):
-    from trainer.predict import predict_scene
+    from trainer.predict.predict import predict_scene
 
     job, exp, model, mean, std = exports[task]
     scenes = scenes_for(tmp_path, task)
@@ -137,7 +137,7 @@ def test_stitched_equals_window_inference_and_keeps_georeferencing(tmp_path, exp
 
 
 def test_class_map_is_argmax_with_nodata_and_written_in_strips(tmp_path, exports, monkeypatch):
-    import trainer.predict as predict
+    import trainer.predict.predict as predict
 
     job = exports["forest"][0]
     scene = scenes_for(tmp_path, "forest")
@@ -161,7 +161,7 @@ def test_class_map_is_argmax_with_nodata_and_written_in_strips(tmp_path, exports
 
 
 def test_bad_inputs_name_the_file_and_leave_nothing(tmp_path, exports):
-    from trainer.predict import predict_scene
+    from trainer.predict.predict import predict_scene
 
     job = exports["change"][0]
     t0 = write_scene(tmp_path / "t0.tif", 6, seed=0)
@@ -187,7 +187,7 @@ def test_bad_inputs_name_the_file_and_leave_nothing(tmp_path, exports):
 
 
 def test_failure_while_writing_leaves_no_output(tmp_path, exports, monkeypatch):
-    import trainer.predict as predict
+    import trainer.predict.predict as predict
 
     calls = []
 

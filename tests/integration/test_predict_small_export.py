@@ -37,7 +37,7 @@ PEAK_RSS_BOUND = 3.5e9  # measured 2.0 GB (nf4) / 1.9 GB (bf16) here; a merged f
 
 
 def _predict(job, scene, out, *extra):
-    from trainer.bench_load import PeakSampler
+    from trainer.bench.bench_load import PeakSampler
 
     cmd = [sys.executable, str(ROOT / "launch/predict.py"), "--job", str(job), "--input", str(scene), "--out",
            str(out), "--tile", "32", "--overlap", "8", "--no-quicklook", *extra]

@@ -118,7 +118,7 @@ def test_bf16_lora_holds_frozen_weights_in_bf16(tmp_path, checkpoint):
     lora = load_file(str(job / "export" / "adapter" / "adapter_model.safetensors"))
     assert lora and all(v.dtype == torch.float32 for v in lora.values()), "what trains stays fp32"
     # predict's loader streams the base from the checkpoint in bf16, bit for bit, under the export's adapters
-    from trainer.inference import load_for_inference
+    from trainer.predict.inference import load_for_inference
 
     im = load_for_inference(job / "export", "bf16", device="cpu")
     pairs = frozen_base(im.model.state_dict(), ref)

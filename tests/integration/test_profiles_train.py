@@ -40,7 +40,7 @@ def _train_stop_resume(tmp_path, profile: str, nproc: int, extra=(), straight: b
 
 def _predicts_from_export(job, data, out_dir):
     """The job's export predicts a scene of several val tiles; the class map keeps the scene's grid."""
-    from trainer.predict import predict_scene
+    from trainer.predict.predict import predict_scene
 
     scene = out_dir / "scene.tif"
     merge([str(p) for p in sorted((data / "val" / "images").glob("*.tif"))[:4]], dst_path=str(scene))

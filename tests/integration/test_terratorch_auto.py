@@ -49,7 +49,7 @@ def test_every_factory_is_planned_on_the_model_it_builds(tmp_path, roots, name):
     """The plan's parameter count is the count of the model TerraTorch's CLI builds for the file (built here in
     the test process), on the file's own tiles and bands."""
     from trainer.config import load_experiment
-    from trainer.terratorch_task import instantiate
+    from trainer.model.terratorch_task import instantiate
 
     kind, section, data_kind = C.configs()[name]
     config = C.write_config(tmp_path, name, roots["multimodal" if data_kind == "multimodal" else kind])

@@ -3,7 +3,7 @@
 In-process (one TerraTorch import for the module): for each config `tt_configs` writes, TerraTorch's own
 `build_lightning_cli(["--config", file], run=False)` gives its task and datamodule; the same samples terrascale's
 sampler puts in the first batch go through TerraTorch's collate, `on_after_batch_transfer` (under its
-Trainer's training state) and `task.training_step`. terrascale's `trainer.run.setup` builds the same file under a
+Trainer's training state) and `task.training_step`. terrascale's `trainer.train.run.setup` builds the same file under a
 memory profile; its loss on its first batch must equal TerraTorch's, and a few optimizer steps on that batch
 must lower it. Two tiny subprocess runs through launch/train.py cover zero3_offload on 1 and 2 processes.
 """
@@ -43,7 +43,7 @@ def terratorch_loss(config, indices):
     from lightning.pytorch import Trainer
 
     from trainer.config import load_experiment
-    from trainer.terratorch_task import instantiate
+    from trainer.model.terratorch_task import instantiate
 
     exp = load_experiment(config)
     built = instantiate(exp.terratorch, exp.run.seed)  # a fresh build: own seed_everything, own objects
@@ -72,8 +72,8 @@ CASES = [(name, "full") for name in C.configs()] + [("encdec_prithvi_ce_weights"
 @pytest.mark.parametrize("name,profile", CASES)
 def test_first_batch_loss_is_terratorchs_and_falls(tmp_path, roots, name, profile):
     from trainer.config import load_experiment
-    from trainer.loop import epoch_loader
-    from trainer.run import setup
+    from trainer.train.loop import epoch_loader
+    from trainer.train.run import setup
 
     config = C.write_config(tmp_path, name, _root(roots, name))
     exp = load_experiment(config, [f"memory.profile={profile}", f"checkpoint.dir={tmp_path / 'job'}"])
@@ -134,7 +134,7 @@ def test_lightning_sections_become_run_keys_and_notes(tmp_path, roots):
 def test_reduce_lr_on_plateau_steps_on_val_loss(tmp_path, roots):
     """The file's ReduceLROnPlateau block: stepped at epoch ends with the val loss (patience 0 -> cut)."""
     from trainer.config import load_experiment
-    from trainer.run import setup
+    from trainer.train.run import setup
 
     config = C.write_config(tmp_path, "smp_unet_ce", roots["segmentation"])
     exp = load_experiment(config, ["lr_scheduler.init_args.patience=0", "lr_scheduler.init_args.factor=0.5",
@@ -157,7 +157,7 @@ def test_reduce_lr_on_plateau_steps_on_val_loss(tmp_path, roots):
 def test_zero3_offload_trains_stock_config(tmp_path, roots, nproc):
     """launch/train.py on a TerraTorch file + memory.profile=zero3_offload; 1 process: the first logged loss is
     TerraTorch's on the same batch; 2 processes: the mean of TerraTorch's on each rank's batch."""
-    from trainer.loop import EpochSampler
+    from trainer.train.loop import EpochSampler
 
     config = C.write_config(tmp_path, "encdec_prithvi_ce_weights", roots["segmentation"])
     job = tmp_path / "job"

@@ -1,4 +1,4 @@
-"""`launch/predict.py` on a job trained from a `terratorch fit` file (trainer.terratorch_predict).
+"""`launch/predict.py` on a job trained from a `terratorch fit` file (trainer.predict.terratorch_predict).
 
 A tiny TerraTorch-format job (tt_configs) trains a few steps through launch/train.py and exports; predict then
 writes a scene. The reference is TerraTorch's own predict path: the job's datamodule (its `predict_data_root`
@@ -73,9 +73,9 @@ def trained_weights(job_dir: Path, model: torch.nn.Module, exp) -> torch.nn.Modu
     the export/inference code path."""
     from safetensors.torch import load_file
 
-    from trainer.fitting import apply_profile
     from trainer.memory.profiles import resolve_profile
-    from trainer.terratorch_task import backbone_path
+    from trainer.model.fitting import apply_profile
+    from trainer.model.terratorch_task import backbone_path
 
     profile = resolve_profile(exp.memory)
     if profile.lora is None:
@@ -96,7 +96,7 @@ def terratorch_forward(job_dir: Path, window_file: Path) -> torch.Tensor:
     from lightning.pytorch import Trainer
 
     from trainer.config import load_experiment
-    from trainer.terratorch_task import instantiate
+    from trainer.model.terratorch_task import instantiate
 
     exp = load_experiment(job_dir / "export" / "config.yaml")
     spec = copy.deepcopy(exp.terratorch)

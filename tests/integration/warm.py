@@ -41,8 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PRELOAD = ("torch", "numpy", "deepspeed", "accelerate", "terratorch", "transformers", "peft", "safetensors.torch",
-           "rasterio", "torchmetrics", "trainer.cli", "trainer.checkpoint", "trainer.runtime", "trainer.validate",
-           "trainer.run", "trainer.loop", "trainer.models", "trainer.export", "trainer.predict")
+           "rasterio", "torchmetrics", "trainer.cli", "trainer.train.checkpoint", "trainer.runtime",
+           "trainer.train.validate", "trainer.train.run", "trainer.train.loop", "trainer.model.models",
+           "trainer.train.export", "trainer.predict.predict")
 # change per test / per rank; read by nothing at import time (so every rank of a launch forks from one zygote)
 RANK_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
              "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")

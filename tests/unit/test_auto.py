@@ -5,8 +5,7 @@ import pytest
 
 from trainer.config import DEMO_CONFIG, load_experiment
 from trainer.errors import ConfigError
-from trainer.memory import auto
-
+from trainer.plan import auto
 GiB = 1 << 30
 
 

@@ -6,7 +6,7 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from trainer.basehash import FULL_METHOD, METHOD, fingerprint
+from trainer.train.basehash import FULL_METHOD, METHOD, fingerprint
 
 
 def _ckpt(path, seed: int = 0, shape=(64, 4096)):

@@ -7,7 +7,7 @@ import random
 import torch
 from safetensors.torch import save_file
 
-from trainer.bench_chaos import compare, plan_kinds
+from trainer.bench.bench_chaos import compare, plan_kinds
 
 
 def _job(path, weight: torch.Tensor, records: list[dict]):
@@ -55,7 +55,7 @@ def test_a_stale_export_tmp_rewritten_under_the_same_name_counts_as_a_new_export
     import shutil
     import time
 
-    from trainer.bench_chaos import _temp_ids, fresh_temps
+    from trainer.bench.bench_chaos import _temp_ids, fresh_temps
 
     job = tmp_path / "job"
     (job / "export.tmp").mkdir(parents=True)

@@ -1,6 +1,6 @@
 import pytest
 
-from trainer.checkpoint import (MARKER, PROGRESS_FILE, Progress, checkpoint_name, find_resume, list_complete,
+from trainer.train.checkpoint import (MARKER, PROGRESS_FILE, Progress, checkpoint_name, find_resume, list_complete,
                                 prune)
 from trainer.errors import CheckpointError
 
@@ -61,7 +61,7 @@ def test_prune_keeps_last_n(tmp_path):
 def test_frozen_weights_and_their_quant_state_are_dropped():
     import torch
 
-    from trainer.checkpoint import drop_frozen_weights
+    from trainer.train.checkpoint import drop_frozen_weights
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[0].weight.requires_grad_(False)

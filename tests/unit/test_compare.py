@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer import compare
+from trainer.bench import compare
 from trainer.cli import main
 from trainer.errors import ConfigError
 
@@ -76,13 +76,12 @@ def _finished_job(job_dir, miou: float, trainable: float):
                for s in (1, 2, 3, 4)] + [{"split": "val", "step": 4, "loss": 0.5, "miou": miou}]
     (job_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     (job_dir / "sweep.stderr.log").write_text(
-        f"12:00:00 INFO trainer.fitting: profile full: {trainable:.2f}M of 5.10M parameters trainable\n")
+        f"12:00:00 INFO trainer.model.fitting: profile full: {trainable:.2f}M of 5.10M parameters trainable\n")
     (job_dir / "sweep_done.json").write_text("{}")
 
 
 def test_report_from_a_finished_sweep(spec_path, monkeypatch):
-    from trainer import bench_predict
-
+    from trainer.bench import bench_predict
     spec = compare.load_spec(spec_path)
     jobs = spec.dir + "/jobs"
     values = {"a_tiny-probe": (0.61, 1.25), "a_tiny-lora": (0.72, 1.40), "b_tiny-probe": (0.55, 0.80)}

@@ -6,7 +6,7 @@ import yaml
 from tests.integration.helpers import run_python
 from trainer.config import DEMO_CONFIG, apply_overrides, build_experiment, load_experiment
 from trainer.errors import ConfigError
-from trainer.memory.fit_table import shipped_experiments
+from trainer.plan.fit_table import shipped_experiments
 
 
 def test_demo_config_loads():

@@ -1,5 +1,5 @@
 """Mutated shipped configs: every mutation is a ConfigError naming the mutated key (exit 2 in the CLI), found at
-load by `trainer.validate.load_checked`; valid mutations load. In-process, one TerraTorch import for all (the
+load by `trainer.train.validate.load_checked`; valid mutations load. In-process, one TerraTorch import for all (the
 launcher's exit 2 without a traceback: tests/unit/test_config.py::test_cli_prints_all_problems_and_exits_2)."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from trainer.errors import ConfigError
-from trainer.memory.fit_table import shipped_experiments
-from trainer.validate import load_checked
+from trainer.plan.fit_table import shipped_experiments
+from trainer.train.validate import load_checked
 
 SHIPPED = {p.stem: p for p in shipped_experiments()}
 
@@ -172,7 +172,7 @@ def test_problems_reported_in_two_rounds_pure_checks_before_terratorch(tmp_path,
     """The checks that need no TerraTorch run first and, if any fails, are all reported without the registry
     checks (so most mistakes exit before the 12-36 s TerraTorch import); once they pass, every registry
     problem is reported at once."""
-    import trainer.validate as validate
+    import trainer.train.validate as validate
 
     raw = _raw("demo")
     _set(raw, "model.backbone_kwargs.img_sz", 64)          # registry check

@@ -10,7 +10,7 @@ from accelerate.data_loader import prepare_data_loader
 
 from tests.unit.test_data import experiment, make_tiles
 from trainer.data import build_datasets
-from trainer.loop import EpochSampler, epoch_loader
+from trainer.train.loop import EpochSampler, epoch_loader
 
 N = 6
 

@@ -1,7 +1,7 @@
 """The export directory is replaced by renames only: old or new, whole, never a mix."""
 from __future__ import annotations
 
-from trainer.export import _swap_into_place
+from trainer.train.export import _swap_into_place
 
 
 def test_swap_replaces_a_previous_export_and_leaves_nothing_behind(tmp_path):

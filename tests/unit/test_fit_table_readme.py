@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from trainer.errors import ConfigError
-from trainer.memory.fit_table import README_END, README_START, readme_section, update_readme
+from trainer.plan.fit_table import README_END, README_START, readme_section, update_readme
 
 
 def test_readme_fit_table_is_the_generated_one(root):
@@ -34,8 +34,7 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path):
 
 
 def test_readme_without_markers_is_refused_before_planning(tmp_path, monkeypatch):
-    from trainer.memory import fit_table
-
+    from trainer.plan import fit_table
     readme = tmp_path / "README.md"
     readme.write_text("# no markers\n")
     monkeypatch.setattr(fit_table, "plan_experiment", lambda *a, **k: pytest.fail("planned before checking"))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from trainer.config import Experiment
-from trainer.run import freeze_config
+from trainer.train.run import freeze_config
 
 
 def test_fresh_start_rewrites_a_cut_config_and_resume_keeps_the_original(tmp_path):

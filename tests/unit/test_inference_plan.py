@@ -17,10 +17,10 @@ from torch import nn
 
 from tests.small_models import small_internvl
 from trainer.config import build_experiment
-from trainer.memory import head as head_mod
-from trainer.memory import workload as wl
-from trainer.memory.inference import PRECISIONS, plan_inference, weight_bytes
-from trainer.memory.trace import set_dtype_, trace_forward
+from trainer.plan import head as head_mod
+from trainer.plan import workload as wl
+from trainer.plan.inference import PRECISIONS, plan_inference, weight_bytes
+from trainer.plan.trace import set_dtype_, trace_forward
 
 TOLERANCE = 0.10
 TILE, BANDS, WINDOWS = 64, 6, 3

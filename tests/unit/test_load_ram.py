@@ -6,8 +6,8 @@ import types
 import pytest
 import torch
 
-from trainer.memory import load_ram as lr
 from trainer.memory import states as st
+from trainer.plan import load_ram as lr
 
 
 @pytest.fixture
@@ -87,8 +87,7 @@ def test_terratorch_backbones_load_whole_in_fp32_beside_the_checkpoint():
 def test_the_planner_reads_the_experiments_checkpoint_else_the_catalog(shards):
     from trainer.backbones import catalog
     from trainer.config import build_experiment
-    from trainer.memory import planner
-
+    from trainer.plan import planner
     entry = catalog.get("internvl2_40b")
     own = types.SimpleNamespace(entry=entry, family=entry.family)
 

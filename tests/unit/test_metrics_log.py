@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from trainer.report import MetricsLog
+from trainer.train.report import MetricsLog
 
 
 def _log(tmp_path, steps, torn: str = "") -> MetricsLog:
@@ -42,7 +42,7 @@ def test_fresh_start_keeps_nothing_of_a_run_killed_before_its_first_checkpoint(t
 def test_torn_last_line_is_tolerated_and_repaired(tmp_path, caplog):
     m = _log(tmp_path, range(1, 5), torn='{"split": "train", "step": 5, "lo')
     assert _steps(m) == [1, 2, 3, 4]  # a reader (curves, tests) never crashes on it
-    with caplog.at_level(logging.INFO, logger="trainer.report"):
+    with caplog.at_level(logging.INFO, logger="trainer.train.report"):
         m.resume_at(4)
     assert "torn last line" in caplog.text
     text = m.path.read_text()
@@ -56,7 +56,7 @@ def test_torn_line_that_happens_to_end_in_a_newline_and_damage_in_the_middle(tmp
     assert _steps(m) == [1, 2]
     with open(m.path, "a") as f:
         f.write('{"split": "train", "step": 3, "loss": 0.3}\n')
-    with caplog.at_level(logging.WARNING, logger="trainer.report"):
+    with caplog.at_level(logging.WARNING, logger="trainer.train.report"):
         m.resume_at(3)
     assert "line 4 is not a JSON record" in caplog.text and str(m.path) in caplog.text
     assert _steps(m) == [1, 2, 3]

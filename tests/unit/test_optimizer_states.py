@@ -14,7 +14,7 @@ import torch
 
 from trainer.config import build_experiment
 from trainer.errors import ConfigError
-from trainer.run import build_optimizer
+from trainer.train.run import build_optimizer
 
 
 def _exp(**memory):

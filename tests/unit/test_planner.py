@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from trainer.errors import PlanError
-from trainer.memory import planner
 from trainer.memory import states as st
-from trainer.memory.plan_report import SCHEMA, to_json
-from trainer.memory.planner import GiB
+from trainer.plan import planner
+from trainer.plan.plan_report import SCHEMA, to_json
+from trainer.plan.planner import GiB
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,7 +34,7 @@ def test_nf4_bytes_equal_bitsandbytes_quantized_tensors(shape):
 
     lin = nn.Linear(shape[1], shape[0])
     weight = bnb.nn.Params4bit(lin.weight.data.float(), requires_grad=False, compress_statistics=True,
-                               quant_type="nf4", quant_storage=torch.uint8).to("cpu")  # as trainer.fitting does
+                               quant_type="nf4", quant_storage=torch.uint8).to("cpu")  # as trainer.model.fitting does
     assert st.nf4_bytes(shape[0] * shape[1]) == _bnb_bytes(weight)
 
 
@@ -157,7 +157,7 @@ def test_dequantization_buffer_is_one_copy_in_the_quantization_dtype():
 
 # --- extrapolation ---------------------------------------------------------------------------------------
 def test_depth_extrapolation_is_linear_per_stack():
-    from trainer.memory.workload import _lerp
+    from trainer.plan.workload import _lerp
 
     base = {"peak": {"activations": 100}, "flops": 10, "outputs": [[1, 2], "bfloat16"]}
     vision4 = {"peak": {"activations": 140}, "flops": 14, "outputs": []}
@@ -177,7 +177,7 @@ def _mlp():
 def test_fake_trace_equals_real_tensors_and_virtual_grads_equal_kept_grads():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from trainer.memory.trace import meta_to_fake_, trace_step
+    from trainer.plan.trace import meta_to_fake_, trace_step
 
     real = trace_step(_mlp(), lambda: (torch.randn(32, 64),), count_flops=False)
     with torch.device("meta"):
@@ -193,7 +193,7 @@ def test_fake_trace_equals_real_tensors_and_virtual_grads_equal_kept_grads():
 
 
 def test_tracker_accepts_frozen_parameters():
-    from trainer.memory.trace import trace_step
+    from trainer.plan.trace import trace_step
 
     model = _mlp()
     model[0].requires_grad_(False)
@@ -205,7 +205,7 @@ def test_tracker_accepts_frozen_parameters():
 def test_flop_counter_matches_torch_and_counts_cpu_flash_attention():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.memory.trace import FlopCounter
+    from trainer.plan.trace import FlopCounter
 
     model, x = _mlp(), torch.randn(32, 64)
     with FlopCounterMode(display=False) as ref:
@@ -225,7 +225,7 @@ def test_small_tensor_twins_let_value_dependent_index_code_run_under_checkpointi
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.checkpoint import checkpoint
 
-    from trainer.memory.trace import SmallTensorTwins
+    from trainer.plan.trace import SmallTensorTwins
 
     fake = FakeTensorMode()
     seen = []
@@ -256,7 +256,7 @@ def _est(name, gpu, cpu=1 * GiB, fits=None, margin=None, refused=None):
 
 
 def _plan(gpus: dict[str, float]) -> planner.Plan:
-    from trainer.memory.workload import InputShape
+    from trainer.plan.workload import InputShape
 
     ests = {n: _est(n, int(g * GiB)) for n, g in gpus.items()}
     return planner.Plan("internvl2_40b", "full", InputShape(1, 6, 448, 448), planner.Budget(24 * GiB, 64 * GiB),
@@ -356,7 +356,7 @@ def _run_plan(tmp_path, config: str, *args: str) -> tuple[subprocess.CompletedPr
 def test_plan_answers_for_40b_in_under_a_minute_without_terratorch(tmp_path):
     import yaml
 
-    from trainer.memory.fit_table import representative
+    from trainer.plan.fit_table import representative
 
     cfg = tmp_path / "internvl2_40b.yaml"
     cfg.write_text(yaml.safe_dump(representative("internvl2_40b", "full").model_dump(mode="json")))
@@ -385,8 +385,8 @@ def test_plan_config_error_exits_2_with_the_message(tmp_path):
 # --- change detection: T dates -----------------------------------------------------------------------
 def test_change_detection_plans_every_date_through_the_shared_encoder():
     from trainer.config import build_experiment
-    from trainer.memory import workload as wl
-    from trainer.memory.measure import Measurer
+    from trainer.plan import workload as wl
+    from trainer.plan.measure import Measurer
 
     def exp(task: dict):
         return build_experiment({"model": {"backbone": "earthmind_4b", "backbone_kwargs": {"in_channels": 6}},
@@ -407,8 +407,7 @@ def test_change_detection_plans_every_date_through_the_shared_encoder():
 
 
 def test_a_step_that_cannot_run_is_cached_like_a_result(tmp_path, monkeypatch):
-    from trainer.memory import plan_cache
-
+    from trainer.plan import plan_cache
     monkeypatch.setenv("TERRASCALE_CACHE", str(tmp_path))
     spec = {"kind": "test", "what": "a failing trace"}
 

@@ -15,15 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import ckpt_state, diskspace, joblock, launch_hook
+from trainer.train import ckpt_state, joblock
+
+from trainer import diskspace, launch_hook
 from trainer.errors import CheckpointError
-from trainer.checkpoint import MARKER, PROGRESS_FILE, Progress, list_complete, save_checkpoint
+from trainer.train.checkpoint import MARKER, PROGRESS_FILE, Progress, list_complete, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _holder(job: Path) -> subprocess.Popen:
-    code = ("import sys, time; from trainer.joblock import acquire; acquire(sys.argv[1]); print('held', flush=True); "
+    code = ("import sys, time; from trainer.train.joblock import acquire; acquire(sys.argv[1]); print('held', flush=True); "
             "time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code, str(job)], stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from trainer.config import load_experiment
-from trainer.memory.fit_table import shipped_experiments
-from trainer.memory.planner import GiB, SPEED_ORDER, pick, plan_experiment
+from trainer.plan.fit_table import shipped_experiments
+from trainer.plan.planner import GiB, SPEED_ORDER, pick, plan_experiment
 
 CONFIGS = shipped_experiments()
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from trainer import sweep as sw
 from trainer.config import apply_overrides
 from trainer.errors import ConfigError
-from trainer.sweep_summary import render_csv, render_markdown, write_summary
+from trainer.sweep import sweep as sw
+from trainer.sweep.sweep_summary import render_csv, render_markdown, write_summary
 
 DEMO = Path(__file__).resolve().parents[2] / "launch" / "configs" / "demo.yaml"
 

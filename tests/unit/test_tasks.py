@@ -1,7 +1,7 @@
 """The native tasks are TerraTorch tasks: their criteria and metrics, against small hand-checked examples.
 
 Built on the tiny Prithvi (one TerraTorch import for the module); the losses come from TerraTorch's own loss table
-(`trainer.tasks.criterion` runs the task's `configure_losses`), with terrascale's two additions: an all-nodata batch
+(`trainer.model.tasks.criterion` runs the task's `configure_losses`), with terrascale's two additions: an all-nodata batch
 gives 0 and zero gradients, and NaN coherence targets are invalid pixels.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from trainer.config import TaskConfig, load_experiment
 from trainer.errors import ConfigError
-from trainer.tasks import HUBER_DELTA, build_task, loss_fn as criterion
-from trainer.terratorch_task import TaskMetrics, primary_metric
+from trainer.model.tasks import HUBER_DELTA, build_task, loss_fn as criterion
+from trainer.model.terratorch_task import TaskMetrics, primary_metric
 
 # 2x4 tile; -1 is ignored. Valid (target, pred) pairs: (0,0) x2, (0,1), (1,1) x3, (1,0).
 TARGET = torch.tensor([[[0, 0, 1, 1], [0, 1, 1, -1]]])

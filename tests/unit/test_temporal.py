@@ -16,7 +16,7 @@ import yaml
 
 from trainer.config import Experiment, TaskConfig, build_experiment, dump_experiment
 from trainer.errors import ConfigError
-from trainer.temporal import FUSIONS, SharedEncoder, TemporalSettings, temporal_settings
+from trainer.model.temporal import FUSIONS, SharedEncoder, TemporalSettings, temporal_settings
 
 NECKS = [{"name": "SelectIndices", "indices": [-4, -3, -2, -1]}, {"name": "ReshapeTokensToImage"},
          {"name": "LearnedInterpolateToPyramidal"}]
@@ -84,8 +84,8 @@ def test_shared_encoder_fuses_features_of_each_date(fusion, num_dates):
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_change_model_logits_order_and_export_round_trip(tmp_path, fusion):
-    from trainer.export import load_exported, save_safetensors
-    from trainer.models import build_model
+    from trainer.model.models import build_model
+    from trainer.train.export import load_exported, save_safetensors
 
     exp = change_exp(fusion)
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def test_change_model_logits_order_and_export_round_trip(tmp_path, fusion):
 
 
 def test_native_fusion_runs_one_vit_over_all_frames():
-    from trainer.models import build_model
+    from trainer.model.models import build_model
 
     model = build_model(change_exp("native", num_dates=3))
     vit = model.encoder.backbone
@@ -112,7 +112,7 @@ def test_native_fusion_runs_one_vit_over_all_frames():
 
 
 def test_diff_of_identical_dates_sees_no_change():
-    from trainer.models import build_model
+    from trainer.model.models import build_model
 
     torch.manual_seed(0)
     model = build_model(change_exp("diff")).eval()
@@ -124,7 +124,7 @@ def test_diff_of_identical_dates_sees_no_change():
 
 
 def test_config_mistakes_name_the_key():
-    from trainer.models import build_model
+    from trainer.model.models import build_model
 
     with pytest.raises(ConfigError, match="task.fusion: 'native' is Prithvi's multi-frame input; 'terramind_v1_tiny'"):
         build_experiment({"model": {"backbone": "terramind_v1_tiny"},
@@ -140,9 +140,9 @@ def test_config_mistakes_name_the_key():
     ("earthmind_4b", {"tiny": True, "in_channels": 6, "bands": BANDS}, "q_proj"),  # the VLM's own LoRA targets
 ])
 def test_memory_profile_reaches_the_backbone_inside(backbone, kwargs, lora_name):
-    from trainer.fitting import apply_profile
     from trainer.memory.profiles import PROFILES
-    from trainer.models import build_model
+    from trainer.model.fitting import apply_profile
+    from trainer.model.models import build_model
 
     torch.manual_seed(0)
     model = apply_profile(build_model(change_exp("diff", backbone=backbone, **kwargs)),

@@ -1,8 +1,8 @@
-"""How terrascale hands TerraTorch's aux head forms to terratorch 1.2.11's parser (trainer.terratorch_task)."""
+"""How terrascale hands TerraTorch's aux head forms to terratorch 1.2.11's parser (trainer.model.terratorch_task)."""
 import pytest
 
 from trainer.errors import ConfigError
-from trainer.terratorch_task import _typed_aux_heads
+from trainer.model.terratorch_task import _typed_aux_heads
 
 HEAD = {"name": "aux_head", "decoder": "FCNDecoder", "decoder_args": {"decoder_channels": 16}}
 FULL = "terratorch.models.model.AuxiliaryHead"

@@ -1,4 +1,4 @@
-"""The planner on a model handed in whole (what `trainer.terratorch_plan` does for a `terratorch fit` file), without
+"""The planner on a model handed in whole (what `trainer.plan.terratorch_plan` does for a `terratorch fit` file), without
 TerraTorch: tiny torch models stand in for the one TerraTorch's CLI builds."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from torch import nn
 
 from trainer.config import Experiment, TerraTorchSpec
 from trainer.errors import PlanError
-from trainer.memory import planner
-from trainer.memory.head import Builders
 from trainer.memory.profiles import PROFILES, adapts_backbone, no_backbone_problem
-from trainer.memory.workload import InputShape
+from trainer.plan import planner
+from trainer.plan.head import Builders
+from trainer.plan.workload import InputShape
 
 GiB = 1 << 30
 MODS = (("S2L2A", 6), ("S1GRD", 2))
@@ -21,7 +21,7 @@ class Block(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(dim, dim)  # a LoRA target name of trainer.fitting.VIT_LORA_TARGETS
+        self.attn.qkv = nn.Linear(dim, dim)  # a LoRA target name of trainer.model.fitting.VIT_LORA_TARGETS
 
     def forward(self, x):
         return x + self.attn.qkv(x)
@@ -31,7 +31,7 @@ class Encoder(nn.Module):
     def __init__(self, channels: int, dim: int = 32):
         super().__init__()
         self.stem = nn.Conv2d(channels, dim, 3, padding=1)
-        self.blocks = nn.ModuleList([Block(dim) for _ in range(2)])  # trainer.fitting checkpoints these
+        self.blocks = nn.ModuleList([Block(dim) for _ in range(2)])  # trainer.model.fitting checkpoints these
 
     def forward(self, x):
         x = self.stem(x).permute(0, 2, 3, 1)
@@ -130,7 +130,7 @@ def test_multimodal_shapes_make_one_tensor_per_modality_and_single_shapes_keep_t
 
 
 def test_the_files_frozen_backbone_sgd_and_pretrained_flags_reach_the_plan():
-    from trainer.terratorch_plan import loads_pretrained, planning_view, without_pretrained
+    from trainer.plan.terratorch_plan import loads_pretrained, planning_view, without_pretrained
 
     spec = TerraTorchSpec(config={
         "model": {"class_path": "SemanticSegmentationTask", "init_args": {

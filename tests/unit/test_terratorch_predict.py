@@ -5,7 +5,7 @@ import yaml
 from tests.integration import tt_configs as C
 from trainer.config import load_experiment
 from trainer.errors import ConfigError
-from trainer.terratorch_predict import check_precision, preparation
+from trainer.predict.terratorch_predict import check_precision, preparation
 
 
 def _exp(tmp_path, name="encdec_prithvi_ce_weights", **data_init):

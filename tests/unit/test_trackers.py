@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from trainer.errors import ConfigError
-from trainer.trackers import hparams, init_kwargs, offline_env, select_trackers
+from trainer.train.trackers import hparams, init_kwargs, offline_env, select_trackers
 
 
 def only(*names):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpoint import Progress
 from trainer.errors import CheckpointError
-from trainer.universal import convert, needs_universal, rescale_progress, with_load_universal
+from trainer.train.checkpoint import Progress
+from trainer.train.universal import convert, needs_universal, rescale_progress, with_load_universal
 
 
 def _step(root: Path, world: int, shards: bool = True, converted: bool = False) -> Path:

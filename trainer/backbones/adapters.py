@@ -14,6 +14,9 @@ Tiles are resized only when needed: to `image_size` if given, else to the neares
 tower's token stride; position embeddings are interpolated to the resulting grid by each family.
 EarthMind's SAR + optical input (Sentinel-1 VV/VH next to Sentinel-2 bands) is one tile whose bands
 are named in `bands`; `proj` or `expand` then give SAR its own weights.
+
+The output side is shared here too: which layers a backbone returns (`resolve_out_indices`) and as maps or tokens
+(`grid_to_output`), for the VLM (vlm.py) and geospatial (geo.py) towers alike.
 """
 from __future__ import annotations
 
@@ -121,3 +124,27 @@ def expand_conv_input(conv: nn.Conv2d | nn.Conv3d, in_channels: int, rgb_indices
     if conv.bias is not None:
         new.bias.copy_(conv.bias)
     return new
+
+
+# which layers a backbone returns, and in which layout: shared by the VLM and geospatial backbones
+def default_out_indices(num_layers: int, count: int = 4) -> list[int]:
+    """`count` evenly spaced layers ending at the last: four scales for LearnedInterpolateToPyramidal."""
+    return [max(0, round((i + 1) * num_layers / count) - 1) for i in range(count)]
+
+
+def resolve_out_indices(out_indices: list[int] | None, num_layers: int) -> list[int]:
+    if out_indices is None:
+        return default_out_indices(num_layers)
+    resolved = [i + num_layers if i < 0 else i for i in out_indices]
+    bad = [i for i, r in zip(out_indices, resolved) if not 0 <= r < num_layers]
+    if bad or not resolved:
+        raise ConfigError(f"model.backbone_kwargs.out_indices: {list(out_indices)} must be non-empty and within "
+                          f"the {num_layers} layers features are taken from")
+    return resolved
+
+
+def grid_to_output(grid: torch.Tensor, output_format: str) -> torch.Tensor:
+    """[B, h, w, D] → maps [B, D, h, w] or tokens [B, h*w, D]."""
+    if output_format == "tokens":
+        return grid.flatten(1, 2)
+    return grid.permute(0, 3, 1, 2).contiguous()

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trainer.backbones.adapters import InputAdapter, expand_conv_input, resolve_rgb_indices
-from trainer.backbones.vlm import grid_to_output, resolve_out_indices
+from trainer.backbones.adapters import (InputAdapter, expand_conv_input, grid_to_output, resolve_out_indices,
+                                       resolve_rgb_indices)
 from trainer.errors import ConfigError
 
 CLAY_DEFAULT_BANDS = ["blue", "green", "red", "nir", "swir16", "swir22"]  # HLS order, as TerraTorch's Embedder

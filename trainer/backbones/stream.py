@@ -158,7 +158,7 @@ def training_numerics(q: nn.Module) -> nn.Module:
     """Keep a Linear4bit on the kernel training uses. On an AVX512-bf16 CPU, bitsandbytes repacks a 4-bit weight in
     place at its first inference forward (eval + no grad: every validation), rounding its absmax to bf16 for good;
     training then goes on with another model, and merges and resumes differ. Prediction opts back in
-    (`trainer.inference`). Used wherever terrascale makes a Linear4bit (`fitting.quantize_linears` too)."""
+    (`trainer.predict.inference`). Used wherever terrascale makes a Linear4bit (`fitting.quantize_linears` too)."""
     q.support_avx512bf16_for_cpu = False
     return q
 

@@ -20,34 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.backbones import catalog
-from trainer.backbones.adapters import InputAdapter, expand_conv_input, resolve_rgb_indices
+from trainer.backbones.adapters import (InputAdapter, default_out_indices, expand_conv_input,  # noqa: F401
+                                       grid_to_output, resolve_out_indices, resolve_rgb_indices)
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 _LLM_LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def default_out_indices(num_layers: int, count: int = 4) -> list[int]:
-    """`count` evenly spaced layers ending at the last: four scales for LearnedInterpolateToPyramidal."""
-    return [max(0, round((i + 1) * num_layers / count) - 1) for i in range(count)]
-
-
-def resolve_out_indices(out_indices: list[int] | None, num_layers: int) -> list[int]:
-    if out_indices is None:
-        return default_out_indices(num_layers)
-    resolved = [i + num_layers if i < 0 else i for i in out_indices]
-    bad = [i for i, r in zip(out_indices, resolved) if not 0 <= r < num_layers]
-    if bad or not resolved:
-        raise ConfigError(f"model.backbone_kwargs.out_indices: {list(out_indices)} must be non-empty and within "
-                          f"the {num_layers} layers features are taken from")
-    return resolved
-
-
-def grid_to_output(grid: torch.Tensor, output_format: str) -> torch.Tensor:
-    """[B, h, w, D] → maps [B, D, h, w] or tokens [B, h*w, D]."""
-    if output_format == "tokens":
-        return grid.flatten(1, 2)
-    return grid.permute(0, 3, 1, 2).contiguous()
 
 
 class _HFStackBackbone(nn.Module):

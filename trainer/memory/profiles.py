@@ -1,7 +1,7 @@
 """Named memory profiles: one config key (`memory.profile`) turns on what a backbone needs to fit.
 
-A profile is a frozen description; `trainer.models` applies it (quantize → LoRA → checkpointing) and
-`trainer.run` hands its DeepSpeed preset to Accelerate. Each can be adjusted from the config
+A profile is a frozen description; `trainer.model.models` applies it (quantize → LoRA → checkpointing) and
+`trainer.train.run` hands its DeepSpeed preset to Accelerate. Each can be adjusted from the config
 (`memory.lora.rank=32`, `memory.grad_checkpointing=false`, `memory.deepspeed=my.json`).
 """
 from __future__ import annotations

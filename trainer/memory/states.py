@@ -32,7 +32,7 @@ def nf4_total(linear_numels: dict[str, int]) -> int:
 
 def dequant_buffer(largest_linear: int, compute_bytes: int) -> int:
     """The largest weight dequantized for a matmul: `dequantize_4bit` returns the quantization state's dtype, which
-    is the compute dtype (trainer.fitting quantizes weights held in it), so one compute-dtype copy per matmul
+    is the compute dtype (trainer.model.fitting quantizes weights held in it), so one compute-dtype copy per matmul
     (backward's `.to(grad.dtype)` is then a no-op)."""
     return largest_linear * compute_bytes
 
@@ -90,7 +90,7 @@ DS_CPU_BUFFER_FACTOR = 1.5
 
 
 def ds_zero3(total: int, largest_layer: int, offload_optimizer: bool, offload_param: bool) -> tuple[int, int]:
-    """(cpu, gpu) bytes from DeepSpeed's estimator, one GPU. zero_init=False: trainer.run builds the model on the
+    """(cpu, gpu) bytes from DeepSpeed's estimator, one GPU. zero_init=False: trainer.train.run builds the model on the
     CPU and DeepSpeed partitions it at `prepare`, not under `zero.Init`."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
@@ -146,7 +146,7 @@ class States:
 def accelerate_states(c: Counts, compute_bytes: int, nf4: bool, optimizer_bytes: int | None = None) -> States:
     """No DeepSpeed: trainable parameters fp32 (autocast computes in the compute dtype), their fp32 gradients and
     the optimizer's states (`optimizer_bytes`, default AdamW's two fp32 moments); frozen parameters in the compute
-    dtype (trainer.fitting.cast_frozen; fp32 on a CPU run). NF4: backbone linears as bitsandbytes stores them."""
+    dtype (trainer.model.fitting.cast_frozen; fp32 on a CPU run). NF4: backbone linears as bitsandbytes stores them."""
     frozen = c.all - c.trainable
     params = 4 * c.trainable + compute_bytes * frozen
     if nf4:

@@ -1,0 +1,1 @@
+"""Prediction: load an export, slide windows over a scene, write the rasters; TerraTorch-file prediction."""

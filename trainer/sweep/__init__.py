@@ -1,0 +1,1 @@
+"""Sweeps: a grid of jobs launched as subprocesses, their state and summary."""
