@@ -21,3 +21,22 @@ def pytest_collection_finish(session):
         from tests.integration import helpers, warm
 
         warm.prestart(helpers.env())
+
+
+# Files whose tests take longest (measured with --durations on the CI machine), run first: `pytest -n 2 --dist
+# loadfile` hands whole files to the two workers in collection order, so a long file collected last would run
+# alone at the end while the other worker idles. Only the order of files changes; tests inside a file keep theirs.
+# (names of files in tests/integration/)
+LONGEST_FIRST = ("test_sweep.py", "test_multinode.py", "test_chaos.py", "test_big_load.py", "test_launch_signals.py",
+                 "test_train_resume.py", "test_terratorch_configs.py", "test_profiles_train.py",
+                 "test_predict_small_export.py", "test_docker_entrypoint.py", "test_warm.py", "test_tasks_e2e.py",
+                 "test_bench_report.py", "test_planner_validation.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item) -> int:
+        return rank.get(item.path.name, len(rank)) if item.path.parent.name == "integration" else len(rank)
+
+    items.sort(key=key)  # stable: the rest keep pytest's order

@@ -225,11 +225,18 @@ class LoraConfig(_Closed):
     target_modules: list[str] | None = None
 
 
+# The memory profiles by name (trainer.memory.profiles defines what each does; tests/unit/test_config.py keeps the
+# two in step) and `auto` (the planner picks one at the start of a run).
+PROFILE_NAMES = ("full", "zero2", "zero3", "zero3_offload_optimizer", "zero3_offload", "zero3_nvme", "lora", "qlora",
+                 "zero3_offload_lora", "auto")
+ProfileName = Literal[PROFILE_NAMES]  # type: ignore[valid-type]
+
+
 class MemoryConfig(_Closed):
     """How the model is fitted in memory. `profile` names a bundle (see trainer.memory.profiles);
     `deepspeed` is a preset name from ds_configs/ or a path to the user's own DeepSpeed JSON."""
 
-    profile: str = "full"
+    profile: ProfileName = "full"
     deepspeed: str | None = None
     # Where ZeRO-Infinity (profile zero3_nvme) swaps parameters and optimizer states: a fast local NVMe dir.
     nvme_path: str | None = None
@@ -425,6 +432,11 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = None)
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
             got_s = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            if e["type"] == "literal_error" and isinstance(got, str):  # a near-typo of one of the names
+                import re
+
+                near = difflib.get_close_matches(got, re.findall(r"'([^']*)'", e["ctx"]["expected"]), n=1)
+                got_s += f"; did you mean '{near[0]}'?" if near else ""
             if isinstance(got, str) and _is_number(got):
                 got_s += "; YAML reads 1e6 as text: write 1.0e6 (or 1000000)"
             issues.append(f"{key}: {msg}{got_s}")

@@ -107,3 +107,14 @@ def test_shipped_experiments_discovered():
 def test_shipped_experiment_loads(path):
     exp = load_experiment(path)
     assert exp.model.backbone and exp.task.name in ("segmentation", "regression", "change_detection")
+
+
+def test_memory_profile_is_typed_with_the_profiles_names():
+    from trainer.config import PROFILE_NAMES
+    from trainer.memory.profiles import PROFILES
+
+    assert tuple(PROFILES) == PROFILE_NAMES  # one list of names: the config's type and the profiles agree
+    with pytest.raises(ConfigError, match=r"memory.profile: Input should be 'full'.*\(got 'zero3_ofload'\); did you "
+                                          r"mean 'zero3_offload'\?"):
+        load_experiment(None, ["memory.profile=zero3_ofload"])
+    assert load_experiment(None, ["memory.profile=auto"]).memory.profile == "auto"
