@@ -33,10 +33,17 @@ LONGEST_FIRST = ("test_sweep.py", "test_multinode.py", "test_chaos.py", "test_bi
                  "test_bench_report.py", "test_planner_validation.py")
 
 
+# ... and these last: the zero3_nvme run needs DeepSpeed's async_io op, which `.ci/run` compiles beside the tests
+# (4-5 min); collected first, it would hold a worker waiting for the compile.
+LAST = ("test_profile_nvme.py",)
+
+
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
 
     def key(item) -> int:
-        return rank.get(item.path.name, len(rank)) if item.path.parent.name == "integration" else len(rank)
+        if item.path.parent.name != "integration":
+            return len(rank)
+        return len(rank) + 1 if item.path.name in LAST else rank.get(item.path.name, len(rank))
 
     items.sort(key=key)  # stable: the rest keep pytest's order

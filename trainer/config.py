@@ -109,13 +109,14 @@ class TaskConfig(_Closed):
                                 f"{', '.join(allowed)}, a list of them or a {{name: weight}} dict")
         if not regression and self.class_weights is not None and "ce" not in names:
             problems.append(f"task.class_weights weigh the cross-entropy term, but task.loss={self.loss!r} has none "
-                            "(TerraTorch's dice/focal/jaccard/lovasz take no class weights): add ce or drop the weights")
+                            "(TerraTorch's dice/focal/jaccard/lovasz take no class weights): add ce or drop the "
+                            "weights")
         if "huber" in names and not (isinstance(self.loss, str) and names == ["huber"]):
             problems.append("task.loss: huber alone has terrascale's delta of 0.1; in a list or dict TerraTorch's "
                             "would use torch's 1.0 (half the MSE on [0, 1] targets): use huber alone, or mse/mae")
         if regression and "rmse" in names:
-            problems.append("task.loss: TerraTorch 1.2.11's rmse loss is the fourth root of the MSE (its RootLossWrapper "
-                            "is applied twice); use mse (the same minimum) in a native config")
+            problems.append("task.loss: TerraTorch 1.2.11's rmse loss is the fourth root of the MSE (its "
+                            "RootLossWrapper is applied twice); use mse (the same minimum) in a native config")
         if "jaccard" in names:
             problems.append("task.loss: TerraTorch's jaccard loss takes no ignore_index, and a native task always "
                             "has one (task.ignore_index): use dice or lovasz")

@@ -38,8 +38,18 @@ def train_cmd(overrides: list[str], nproc: int = 1, config: str | Path = ROOT / 
             str(ROOT / script), "--config", str(config), *overrides]
 
 
+# os.environ as the session started (this module is imported while tests are collected, before any test imports a
+# library in-process). Libraries that tests import in-process write into os.environ (OpenCV, albumentations,
+# lightly, torch; Lightning's seed_everything): a launch from a shell would not see those, and each new one would
+# give the launches another environment, hence another warm zygote (15-20 s of imports each).
+_SESSION_ENV = dict(os.environ)
+IMPORT_SIDE_EFFECTS = ("KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "LD_LIBRARY_PATH", "LIGHTLY_DID_VERSION_CHECK",
+                       "NO_ALBUMENTATIONS_UPDATE", "PYTORCH_NVML_BASED_CUDA_CHECK", "TORCH_CUDNN_V8_API_DISABLED",
+                       "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
 def env() -> dict[str, str]:
-    e = dict(os.environ)
+    e = {k: v for k, v in os.environ.items() if k not in IMPORT_SIDE_EFFECTS or k in _SESSION_ENV}
     e.setdefault("DS_ACCELERATOR", "cpu")
     e.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     e["PYTHONUNBUFFERED"] = "1"

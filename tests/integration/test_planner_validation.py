@@ -74,13 +74,13 @@ def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def _real_peak(exp, own, builders, profile_name: str) -> dict[str, int]:
-    from trainer.backbones.factory import _model_class
+    from trainer.backbones.factory import family_class
     from trainer.model.fitting import apply_profile
     from trainer.model.tasks import loss_fn as task_loss
     from trainer.plan.trace import trace_step
 
     torch.manual_seed(0)
-    backbone = _model_class(own.family)(copy.deepcopy(own.config), **own.kwargs)
+    backbone = family_class(own.family)(copy.deepcopy(own.config), **own.kwargs)
     backbone.finalize()
     amp = torch.bfloat16 if exp.run.precision == "bf16" else None
     model = apply_profile(builders.around(exp, backbone), planner.profile_for(exp, profile_name),

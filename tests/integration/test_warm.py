@@ -117,3 +117,17 @@ def test_warm_ranks_exit_like_the_launcher_when_one_fails(tmp_path):
     assert r is not None and r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "rank 1 exits 2" in r.stderr and "rank 0 waits" in r.stderr
     assert time.monotonic() - t0 < 120
+
+
+def test_in_process_imports_do_not_change_the_launch_environment(monkeypatch):
+    """Seen under `pytest -n 2`: Lightning's seed_everything and OpenCV's import, run in-process by one test, put
+    PL_GLOBAL_SEED / LD_LIBRARY_PATH into os.environ; every later launch then needed another zygote."""
+    from tests.integration import helpers
+
+    before = warm._key(env())
+    for key in helpers.IMPORT_SIDE_EFFECTS:
+        if key not in helpers._SESSION_ENV:
+            monkeypatch.setenv(key, "set by an import")
+    assert warm._key(env()) == before
+    monkeypatch.setenv("TERRASCALE_SOMETHING_A_TEST_SETS", "1")  # what a test sets on purpose still reaches launches
+    assert env()["TERRASCALE_SOMETHING_A_TEST_SETS"] == "1" and warm._key(env()) != before

@@ -212,3 +212,46 @@ def test_the_checks_catch_a_bad_import(tmp_path):
     assert layer_violations(g) == [
         "trainer.memory.profiles imports trainer.train.run (memory, layer 1, may not import train, layer 5)",
         "trainer.train.run imports trainer.cli (train, layer 5, may not import cli, layer 8)"]
+
+
+def private_uses(root: Path = ROOT) -> list[str]:
+    """`from trainer.x import _name` and `x._name` on an imported trainer module, across modules: a name with a
+    leading underscore belongs to its module (`__dunder__` names are not private)."""
+    mods = modules(root)
+    found = []
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text(), str(path))
+        aliases: dict[str, str] = {}  # local name -> the trainer module it stands for
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("trainer"):
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    if full in mods:
+                        aliases[a.asname or a.name] = full
+                    elif a.name.startswith("_") and not a.name.startswith("__") and node.module != name:
+                        found.append(f"{name} imports {node.module}.{a.name}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in mods and a.asname:
+                        aliases[a.asname] = a.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and aliases[node.value.id] != name):
+                found.append(f"{name} uses {aliases[node.value.id]}.{node.attr}")
+    return sorted(set(found))
+
+
+def test_no_private_names_across_modules():
+    assert private_uses() == []
+
+
+def test_private_names_across_modules_are_caught(tmp_path):
+    root = tmp_path / "trainer"
+    (root / "train").mkdir(parents=True)
+    (root / "errors.py").write_text("def _hidden():\n    pass\n")
+    (root / "train" / "__init__.py").write_text("")
+    (root / "train" / "run.py").write_text("from trainer.errors import _hidden\nfrom trainer import errors as E\n"
+                                           "E._hidden()\nE.__name__\n")
+    assert private_uses(root) == ["trainer.train.run imports trainer.errors._hidden",
+                                  "trainer.train.run uses trainer.errors._hidden"]

@@ -69,10 +69,10 @@ def planned(tmp_path_factory):
 
 
 def _real_forward(own, dtype: torch.dtype) -> dict[str, int]:
-    from trainer.backbones.factory import _model_class
+    from trainer.backbones.factory import family_class
 
     torch.manual_seed(0)
-    backbone = _model_class(own.family)(copy.deepcopy(own.config), **own.kwargs)
+    backbone = family_class(own.family)(copy.deepcopy(own.config), **own.kwargs)
     backbone.finalize()
     model = set_dtype_(TinyHead(backbone, backbone.out_channels), dtype).eval()
     for p in model.parameters():

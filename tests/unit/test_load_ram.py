@@ -93,7 +93,7 @@ def test_the_planner_reads_the_experiments_checkpoint_else_the_catalog(shards):
 
     def measurer(loads):
         memo = {}
-        return types.SimpleNamespace(loads=loads, own=own, _once=lambda k, f: memo.setdefault(k, f()))
+        return types.SimpleNamespace(loads=loads, own=own, once_per_plan=lambda k, f: memo.setdefault(k, f()))
 
     def exp(path):
         kwargs = {"mode": "full"} | ({"pretrained_path": str(path)} if path else {})

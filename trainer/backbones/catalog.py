@@ -197,11 +197,11 @@ def get(name: str) -> Entry:
 
 
 # --- native configs ---------------------------------------------------------------------------------
-def _thaw(value: Any) -> Any:
+def thaw(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
+        return {k: thaw(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_thaw(v) for v in value]
+        return [thaw(v) for v in value]
     return value
 
 
@@ -228,14 +228,14 @@ def make_config(family: str, kwargs: dict):
 def hf_config(name: str):
     """The native transformers config with the real dimensions of `name`."""
     entry = get(name)
-    return make_config(entry.family, _thaw(entry.dims))
+    return make_config(entry.family, thaw(entry.dims))
 
 
 # Tiny random configs of the same architecture class (CPU tests and demos): same flavour switches as
 # the real entry (norm type, qk-norm, text model type, layer pattern), dims shrunk so a forward +
 # backward on a 32×32 tile takes milliseconds. Patch 4 divides 32 and leaves an even 8×8 grid.
 def _tiny_kwargs(entry: Entry) -> dict:
-    d = _thaw(entry.dims)
+    d = thaw(entry.dims)
     if entry.family == "internvl":
         v = d["vision_config"]
         d["vision_config"] = dict(v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -354,7 +354,7 @@ def _native_meta(name: str) -> nn.Module:
         return getattr(tf, entry.hf_classes[1])(hf_config(name))
 
 
-class _MetaButCpuLinspace(torch.overrides.TorchFunctionMode):
+class MetaButCpuLinspace(torch.overrides.TorchFunctionMode):
     """TerraMind's constructor calls `torch.linspace(...).item()` for drop-path rates, which meta tensors
     refuse; run that one scalar helper on CPU so the rest of the model still builds on meta in ms."""
 
@@ -378,7 +378,7 @@ def _geo_meta(entry: Entry) -> nn.Module:
         with torch.device("meta"):
             return clay_encoder(dims)
     from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY  # lazy: 11–17 s import
-    with torch.device("meta"), _MetaButCpuLinspace():
+    with torch.device("meta"), MetaButCpuLinspace():
         return TERRATORCH_BACKBONE_REGISTRY.build(entry.name, pretrained=False)
 
 

@@ -28,7 +28,7 @@ _INTERNVL_CHAT_TYPES = ("internvl_chat", "sa2va_chat")
 _REMOTE_LLM = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "llama", "LlamaForCausalLM": "llama"}
 
 
-def _model_class(family: str):
+def family_class(family: str):
     from trainer.backbones import geo, llm, vlm
 
     if family in vlm.FAMILIES:
@@ -63,7 +63,7 @@ def internvl_chat_config(cfg: dict, where: str):
                                                 downsample_ratio=cfg.get("downsample_ratio", 0.5)))
 
 
-def _config(entry: catalog.Entry, root: Path | None, tiny: bool, trust_remote_code: bool):
+def backbone_config_for(entry: catalog.Entry, root: Path | None, tiny: bool, trust_remote_code: bool):
     if entry.family not in _NATIVE_TYPES:
         return catalog.tiny_config(entry.name) if tiny else dict(entry.dims)
     cfg = loading.read_config_json(root) if root is not None else None
@@ -86,7 +86,7 @@ def _config(entry: catalog.Entry, root: Path | None, tiny: bool, trust_remote_co
                       "(or set trust_remote_code: true to read an unknown InternVL config with its own code)")
 
 
-def _check_kwargs(cls, kwargs: dict) -> None:
+def check_kwargs(cls, kwargs: dict) -> None:
     params = inspect.signature(cls.__init__).parameters
     valid = [p for p in params if p not in ("self", "config", "dims")]
     issues = []
@@ -117,13 +117,13 @@ def _build(name, tiny, size, pretrained, pretrained_path, layout, trust_remote_c
     if size not in (None, "tiny", "full"):
         raise ConfigError(f"model.backbone_kwargs.size: {size!r} is not 'tiny' or 'full'")
     tiny = tiny or size == "tiny"
-    cls = _model_class(entry.family)
-    _check_kwargs(cls, kwargs)
+    cls = family_class(entry.family)
+    check_kwargs(cls, kwargs)
     if pretrained and not pretrained_path and not entry.hub_id:
         raise ConfigError(f"model.backbone_kwargs.pretrained_path: {name} has no default checkpoint; give one")
     source = pretrained_path or (entry.hub_id if pretrained else None)
     root = loading.resolve_path(source) if source else None
-    config = _config(entry, root, tiny, trust_remote_code)
+    config = backbone_config_for(entry, root, tiny, trust_remote_code)
     if root is None:
         model = cls(config, **kwargs)
         model.finalize()
@@ -182,9 +182,9 @@ def _load(model, entry: catalog.Entry, root: Path, config, layout: str, allow_pi
 
 
 def accepted_kwargs(name: str) -> list[str]:
-    """Every `model.backbone_kwargs` key registered backbone `name` takes (what `_check_kwargs` admits);
+    """Every `model.backbone_kwargs` key registered backbone `name` takes (what `check_kwargs` admits);
     for checking a config before anything is built. Cheap: imports no TerraTorch."""
-    params = inspect.signature(_model_class(catalog.get(name).family).__init__).parameters
+    params = inspect.signature(family_class(catalog.get(name).family).__init__).parameters
     named = [p for p, v in params.items() if p not in ("self", "config", "dims")
              and v.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
     return sorted(set(named) | set(COMMON_KWARGS))

@@ -37,7 +37,7 @@ def clay_encoder(dims: dict) -> nn.Module:
 
 
 class _OwnBlocks(nn.Module):
-    patch_size = None  # the backbone sizes the tile itself (see vlm._HFStackBackbone)
+    patch_size = None  # the backbone sizes the tile itself (see vlm.HFStackBackbone)
     _checkpointing = False
 
     def gradient_checkpointing_enable(self) -> None:

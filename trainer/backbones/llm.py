@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.backbones import catalog
-from trainer.backbones.vlm import _HFStackBackbone, grid_to_output, resolve_out_indices
+from trainer.backbones.vlm import HFStackBackbone, grid_to_output, resolve_out_indices
 from trainer.errors import ConfigError
 
 
-class LLMTokenEncoder(_HFStackBackbone):
+class LLMTokenEncoder(HFStackBackbone):
     family = "granite_hybrid"
     # attention projections, Mamba in/out projections and the shared expert; routed experts are fused
     # 3-D parameters, not nn.Linear, so peft cannot wrap them.

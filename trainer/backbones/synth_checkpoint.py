@@ -51,7 +51,7 @@ class Spec:
 def config_for(backbone: str, vision_layers: int, llm_layers: int, vocab: int | None = 4096,
                width_divisor: int = 1):
     """The catalog's real dims with the chosen depths (and optionally a reduced vocab / width for CI)."""
-    dims = catalog._thaw(catalog.get(backbone).dims)
+    dims = catalog.thaw(catalog.get(backbone).dims)
     v, t = dims["vision_config"], dims["text_config"]
     v["num_hidden_layers"], t["num_hidden_layers"] = vision_layers, llm_layers
     if vocab:

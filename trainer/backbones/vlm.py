@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 _LLM_LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class _HFStackBackbone(nn.Module):
+class HFStackBackbone(nn.Module):
     """What our HF-backed backbones share: out_channels, output format, grad checkpointing, truncation."""
 
     # TerraTorch's PixelWiseModel pads the input to a multiple of the first `patch_size` it finds in
@@ -61,7 +61,7 @@ class _HFStackBackbone(nn.Module):
         return saved
 
 
-class VLMBackbone(_HFStackBackbone):
+class VLMBackbone(HFStackBackbone):
     family = ""
 
     def __init__(self, config, mode: str = "vision", out_indices: list[int] | None = None, in_channels: int = 6,
@@ -85,7 +85,7 @@ class VLMBackbone(_HFStackBackbone):
     # --- family hooks ---
     def _prepare_config(self, config) -> None: ...
     def _vision_width(self) -> int: raise NotImplementedError
-    def _vision_layers(self) -> nn.ModuleList: raise NotImplementedError
+    def vision_layers(self) -> nn.ModuleList: raise NotImplementedError
     def _patch(self) -> int: raise NotImplementedError
     def _stride(self) -> int: raise NotImplementedError
     def _patch_conv(self) -> tuple[nn.Module, str]: raise NotImplementedError
@@ -94,7 +94,7 @@ class VLMBackbone(_HFStackBackbone):
     def _lm_positions(self, batch: int, h: int, w: int, device) -> torch.Tensor | None: return None
 
     def _feature_layers(self) -> nn.ModuleList:
-        return self.language_model.layers if self.mode == catalog.FULL else self._vision_layers()
+        return self.language_model.layers if self.mode == catalog.FULL else self.vision_layers()
 
     def truncate(self) -> None:
         """Drop the layers no feature reads and log the savings. Before loading, so they are never read;
@@ -111,7 +111,7 @@ class VLMBackbone(_HFStackBackbone):
             log.info("full mode: LM head and text embeddings not built: %d parameters (%.1fM) saved in total",
                      saved, saved / 1e6)
         else:
-            self._truncate(self._vision_layers(), keep, None, "vision tower")
+            self._truncate(self.vision_layers(), keep, None, "vision tower")
 
     def finalize(self) -> None:
         """Once, after loading: truncate (if not done yet) and expand the patch embedding if asked."""
@@ -147,7 +147,7 @@ class InternVLBackbone(VLMBackbone):
     lora_target_modules = ["q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2", *_LLM_LORA[3:]]
 
     def _vision_width(self): return self.config.vision_config.hidden_size
-    def _vision_layers(self): return self.vision_tower.encoder.layer
+    def vision_layers(self): return self.vision_tower.encoder.layer
     def _patch(self): return self.config.vision_config.patch_size[0]
     def _patch_conv(self): return self.vision_tower.embeddings.patch_embeddings, "projection"
 
@@ -177,7 +177,7 @@ class Qwen2VLBackbone(VLMBackbone):
     lora_target_modules = ["attn.qkv", "attn.proj", "fc1", "fc2", *_LLM_LORA]
 
     def _vision_width(self): return self.config.vision_config.embed_dim
-    def _vision_layers(self): return self.visual.blocks
+    def vision_layers(self): return self.visual.blocks
     def _patch(self): return self.config.vision_config.patch_size
     def _stride(self): return self._patch() * self.config.vision_config.spatial_merge_size
     def _patch_conv(self): return self.visual.patch_embed, "proj"
@@ -238,7 +238,7 @@ class Gemma3Backbone(VLMBackbone):
         config.text_config.use_bidirectional_attention = True
 
     def _vision_width(self): return self.config.vision_config.hidden_size
-    def _vision_layers(self): return self.vision_tower.encoder.layers
+    def vision_layers(self): return self.vision_tower.encoder.layers
     def _patch(self): return self.config.vision_config.patch_size
     def _patch_conv(self): return self.vision_tower.embeddings, "patch_embedding"
 

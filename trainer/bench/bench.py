@@ -35,8 +35,7 @@ def _plain_loop(job, steps: int) -> float:
                 loss = batch_loss(model, batch)
                 acc.backward(loss)
                 opt.step()
-                if not job.scheduler_in_engine:
-                    sched.step()
+                sched.step()  # DeepSpeed's own scheduler: Accelerate's wrapper, a no-op (its engine steps it)
                 opt.zero_grad(set_to_none=True)
             done += 1
             if done == steps:
@@ -87,9 +86,9 @@ def overhead(exp: Experiment, steps: int, rounds: int, warmup: int, out: Path) -
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         log.info("loop overhead %.3fx (target <= 1.05x) -> %s", result["ratio"], out)
-    from trainer.train.run import _shutdown
+    from trainer.train.run import shutdown_job
 
-    _shutdown(job.accelerator)
+    shutdown_job(job.accelerator)
     return result
 
 

@@ -36,10 +36,10 @@ def measure(exp, steps: int, warmup: int) -> dict[str, Any]:
 
     import torch
 
-    from trainer.plan.trace import StepTracker, _by_kind
+    from trainer.plan.trace import StepTracker, by_kind
     from trainer.train.checkpoint import Progress, StopRequest
     from trainer.train.loop import train
-    from trainer.train.run import _shutdown, loop_parts, setup
+    from trainer.train.run import shutdown_job, loop_parts, setup
 
     big = 10**9  # nothing but training steps inside the timed window
     exp = exp.model_copy(update={"run": exp.run.model_copy(update={
@@ -69,7 +69,7 @@ def measure(exp, steps: int, warmup: int) -> dict[str, Any]:
     parts.total = warmup + steps + 1
     with tracker:
         progress, _ = train(parts, progress)
-    tracked = _by_kind(tracker.get_tracker_snapshot("peak"))
+    tracked = by_kind(tracker.get_tracker_snapshot("peak"))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     gpu = torch.cuda.max_memory_allocated(acc.device) if cuda else 0
     local = torch.tensor([tracked["total"], rss, gpu, elapsed], dtype=torch.float64, device=acc.device)
@@ -86,7 +86,7 @@ def measure(exp, steps: int, warmup: int) -> dict[str, Any]:
         "tracked_mb": {k: v / MiB for k, v in tracked.items()}, "tracked_peak_mb": tracked_total / MiB,
         "peak_rss_mb": rss_max / MiB,
     }
-    _shutdown(acc)
+    shutdown_job(acc)
     return result
 
 

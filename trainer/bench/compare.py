@@ -120,7 +120,7 @@ def run_compare(spec_path: Path, cli_overrides: list[str], echo=print) -> dict[s
 
     from trainer.bench import bench_predict
     from trainer.runtime import cuda_available
-    from trainer.sweep.sweep import JobResult, _load_state, run_sweep
+    from trainer.sweep.sweep import JobResult, read_state, run_sweep
     from trainer.sweep.sweep_summary import PRIMARY, job_row
 
     spec = load_spec(spec_path)
@@ -128,7 +128,7 @@ def run_compare(spec_path: Path, cli_overrides: list[str], echo=print) -> dict[s
     echo(f"[compare] {len(sweep.jobs)} jobs ({len(spec.backbones)} backbones x {', '.join(spec.methods)}) in "
          f"{sweep.dir}")
     run_sweep(sweep, echo=echo)
-    results = _load_state(sweep.dir)
+    results = read_state(sweep.dir)
     # stopped by a signal (the running job saved a checkpoint): no predictions now; the same command continues
     stopped = any(r.status == "interrupted" for r in results.values())
     rows = []

@@ -11,7 +11,7 @@ def export_from_checkpoint(job_dir: Path, checkpoint: str | None, overrides: lis
     from trainer.errors import CheckpointError
     from trainer.train.checkpoint import find_resume, load_checkpoint
     from trainer.train.export import export_job
-    from trainer.train.run import _shutdown, setup
+    from trainer.train.run import shutdown_job, setup
 
     config = job_dir / "config.yaml"
     if not config.is_file():
@@ -25,7 +25,7 @@ def export_from_checkpoint(job_dir: Path, checkpoint: str | None, overrides: lis
     out = export_job(job.accelerator, job.model, exp, job.profile, job.zero_stage, job_dir / "export",
                      {"backbone": exp.model.backbone, "step": progress.step, "task": exp.task.name,
                       "profile": job.profile.name})
-    _shutdown(job.accelerator)
+    shutdown_job(job.accelerator)
     return out
 
 

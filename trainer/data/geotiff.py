@@ -197,7 +197,7 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([abs(int(seed)), int(epoch), int(index)])
 
 
-def _same_grid(a: TileHeader, b: TileHeader) -> bool:
+def same_grid(a: TileHeader, b: TileHeader) -> bool:
     # Transforms are compared to a millionth of a pixel: float round-trips through GDAL are not bit-exact.
     tol = 1e-6 * max(abs(a.transform[0]), abs(a.transform[4]), 1e-12)
     return (a.crs == b.crs and (a.height, a.width) == (b.height, b.width)
@@ -242,7 +242,7 @@ class GeoTiffDataset(Dataset):
                         raise DataError(f"band mismatch: data.bands={list(bands)} asks for band {b} but {h.path} has "
                                         f"{h.count} bands; data.bands is 1-based, use values 1..{h.count}")
             for h in dates[1:]:
-                if not _same_grid(dates[0], h):
+                if not same_grid(dates[0], h):
                     raise DataError(
                         f"dates are not co-registered: {dates[0].path} ({dates[0].crs}, {dates[0].height}x"
                         f"{dates[0].width}, {dates[0].transform}) vs {h.path} ({h.crs}, {h.height}x{h.width}, "

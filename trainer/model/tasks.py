@@ -3,10 +3,10 @@
 `build_task(exp, spec)` turns the native `task` / `model` sections into TerraTorch's own task object, built the way
 `terratorch fit` builds a file's `model:` section (a `terratorch fit` file goes through its CLI instead,
 trainer.model.terratorch_task): its model comes from TerraTorch's EncoderDecoderFactory (change detection: from
-`TemporalEncoderDecoderFactory`, registered into TerraTorch's factory registry, trainer.model.temporal), its criterion from
-TerraTorch's loss table (names, lists, weighted dicts, ignore_index, class weights), its validation metrics from the
-task. The loop then runs the task's loss handler and metrics for both formats (trainer.model.terratorch_task.TaskSteps /
-TaskMetrics). What TerraTorch does not have lives here as task subclasses:
+`TemporalEncoderDecoderFactory`, registered into TerraTorch's factory registry, trainer.model.temporal), its
+criterion from TerraTorch's loss table (names, lists, weighted dicts, ignore_index, class weights), its validation
+metrics from the task. The loop then runs the task's loss handler and metrics for both formats
+(trainer.model.terratorch_task.TaskSteps / TaskMetrics). What TerraTorch does not have lives here as task subclasses:
 
 - `SegmentationTask`: with cross-entropy, a batch wholly under nodata (every pixel `ignore_index`) gives a loss of 0
   with zero gradients, where torch's mean is NaN and would poison the weights; any other batch gives TerraTorch's
@@ -117,7 +117,7 @@ def _task_classes():
             self.test_metrics = nn.ModuleList([metrics.clone(prefix="test/")])
 
     class CoherenceRegressionTask(PixelwiseRegressionTask):
-        __doc__ = "TerraTorch's PixelwiseRegressionTask for targets in [0, 1] with NaN where invalid (trainer.model.tasks)."
+        __doc__ = "TerraTorch's PixelwiseRegressionTask, targets in [0, 1], NaN where invalid (trainer.model.tasks)."
 
         def configure_losses(self) -> None:
             super().configure_losses()

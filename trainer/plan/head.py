@@ -23,7 +23,7 @@ from torch import nn
 from trainer.config import Experiment
 from trainer.errors import PlanError
 from trainer.plan import plan_cache
-from trainer.plan.workload import DTYPES, InputShape, TraceMode, _version, count_params, input_dtype, \
+from trainer.plan.workload import DTYPES, InputShape, TraceMode, package_version, count_params, input_dtype, \
     prepare_for_trace
 
 
@@ -100,7 +100,7 @@ def head_step(exp: Experiment, outputs: list[list[int]], out_dtypes: list[str], 
             "out_channels": out_channels, "input": shape.key(),
             "mode": {"precision": mode.precision, "autocast": mode.autocast, **({"inference": True} if mode.inference
                                                                                  else {})}, "torch": torch.__version__,
-            "terratorch": _version("terratorch")}
+            "terratorch": package_version("terratorch")}
 
     def compute() -> dict:
         if builders is None:
@@ -139,7 +139,7 @@ def whole_step(exp: Experiment, shape: InputShape, mode: TraceMode, builders: Bu
         "terratorch": exp.terratorch.config["model"], "custom_modules_path": exp.terratorch.custom_modules_path}
     spec = {"kind": "whole", "model": model_spec, "task": _model_spec(exp),
             "input": shape.key(), "mode": mode.key(), "torch": torch.__version__,
-            "terratorch": _version("terratorch")}
+            "terratorch": package_version("terratorch")}
 
     def compute() -> dict:
         if builders is None:
@@ -148,10 +148,10 @@ def whole_step(exp: Experiment, shape: InputShape, mode: TraceMode, builders: Bu
                             "builders=trainer.plan.builders.terratorch_builders()")
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        from trainer.backbones.catalog import _MetaButCpuLinspace  # TerraMind's linspace(...).item() at build
+        from trainer.backbones.catalog import MetaButCpuLinspace  # TerraMind's linspace(...).item() at build
         from trainer.plan.trace import meta_to_fake_
 
-        with torch.device("meta"), _MetaButCpuLinspace():
+        with torch.device("meta"), MetaButCpuLinspace():
             model = builders.full_model(exp)
         path = builders.backbone_path(model)
         if path is None and (mode.lora or mode.grad_checkpointing or mode.four_bit):

@@ -45,17 +45,17 @@ class Measurer:
         self.measured_now: list[str] = []
         self._memo: dict[str, Any] = {}
 
-    def _once(self, key: str, fn):
+    def once_per_plan(self, key: str, fn):
         if key not in self._memo:
             self._memo[key] = fn()
         return self._memo[key]
 
     def own_counts(self, profile: Profile) -> dict:
-        from trainer.backbones.factory import _model_class
+        from trainer.backbones.factory import family_class
         from trainer.model.fitting import lora_targets
         from trainer.plan import plan_cache
         b = self.own
-        targets = lora_targets(_model_class(b.family), profile) if profile.lora else None
+        targets = lora_targets(family_class(b.family), profile) if profile.lora else None
         rank = profile.lora.rank if profile.lora else None
 
         def compute() -> dict:
@@ -65,7 +65,7 @@ class Measurer:
                     "out_channels": list(model.out_channels), "targets": targets}
 
         key = {"kind": "counts", **b.spec, "targets": targets, "rank": rank}
-        return self._once(str(key), lambda: plan_cache.cached(key, compute)[0])
+        return self.once_per_plan(str(key), lambda: plan_cache.cached(key, compute)[0])
 
     def step(self, profile: Profile, precision: str) -> tuple[dict, dict]:
         """(counts incl. head, dynamic step) for `profile`."""
@@ -73,10 +73,10 @@ class Measurer:
             return self._whole(profile, precision)
         counts = self.own_counts(profile)
         mode = wl.trace_mode(profile, precision, self.exp, counts["targets"])
-        bb = self._once(str(mode.key()), lambda: self._backbone(counts, mode))
+        bb = self.once_per_plan(str(mode.key()), lambda: self._backbone(counts, mode))
         feature, out_channels = self._fused(bb["outputs"][0], counts["out_channels"])
         n = counts["n_outputs"]
-        head = self._once(f"head{mode.precision}{mode.autocast}",
+        head = self.once_per_plan(f"head{mode.precision}{mode.autocast}",
                           lambda: self._head(mode, feature, n, out_channels))
         grad_bytes = head["params"] * (4 if mode.autocast or mode.precision == "fp32" else wl.BYTES[mode.precision])
         dyn = head_mod.combine(bb, head, keep_grads=profile.deepspeed is None, head_grad_bytes=grad_bytes)
@@ -94,15 +94,15 @@ class Measurer:
                     self.measured_now.append(f"whole model forward at {compute}")
                 return res
 
-            res = self._once(str(mode.key()), run)
+            res = self.once_per_plan(str(mode.key()), run)
             counts = {**res["counts"], "head": res["head_params"], "head_largest": res["largest_layer"]}
             return counts, {"peak": _above_weights(res["peak"]), "buffers": res["peak"]["buffers"],
                             "flops": res["flops"]}
         counts = self.own_counts(PROFILES["full"])
-        bb = self._once(str(mode.key()), lambda: self._backbone(counts, mode))
+        bb = self.once_per_plan(str(mode.key()), lambda: self._backbone(counts, mode))
         feature, out_channels = self._fused(bb["outputs"][0], counts["out_channels"])
         n = counts["n_outputs"]
-        head = self._once(f"head{mode.key()}", lambda: self._head(mode, feature, n, out_channels))
+        head = self.once_per_plan(f"head{mode.key()}", lambda: self._head(mode, feature, n, out_channels))
         # the backbone's own peak, or its output features held while the decoder runs on them (under no_grad
         # nothing else of the backbone's forward is alive by then)
         features = n * _numel(feature[0]) * getattr(torch, feature[1]).itemsize
@@ -162,7 +162,7 @@ class Measurer:
                 self.measured_now.append(f"whole model at {precision} ({profile.name})")
             return res
 
-        res = self._once(str(mode.key()), run)
+        res = self.once_per_plan(str(mode.key()), run)
         counts = {**res["counts"], "head": res["head_params"], "head_largest": res["largest_layer"]}
         peak = res["peak_with_grads" if profile.deepspeed is None else "peak"]
         dyn = {"peak": {k: peak[k] for k in ("grads", "activations", "temporaries")},

@@ -137,7 +137,7 @@ def _counts(c: dict, profile: Profile, zero: st.ZeroSettings | None, exp: Experi
 def checkpoint_of(exp: Experiment, m: Measurer) -> lr.Checkpoint | None:
     """The checkpoint the run reads: its safetensors headers when the experiment names one present here, else the
     catalog's numbers; None when nothing is read. TerraTorch-built backbones: None (`_load_peak` models them)."""
-    return m._once("checkpoint", lambda: _checkpoint(exp, m))
+    return m.once_per_plan("checkpoint", lambda: _checkpoint(exp, m))
 
 
 def _checkpoint(exp: Experiment, m: Measurer) -> lr.Checkpoint | None:

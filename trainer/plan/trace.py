@@ -105,7 +105,7 @@ class StepTracker(MemTracker):
             if self._peak_mem.get(dev, 0) < snap["Total"]:
                 self._peak_mem[dev] = snap["Total"]
                 self._peak_mem_snap[dev] = dict(snap)
-        now = _by_kind(self._curr_mem_snap)
+        now = by_kind(self._curr_mem_snap)
         now["grads"] += self._grads_so_far
         now[TOTAL] += self._grads_so_far
         if now[TOTAL] > self._peak_with_grads_total:
@@ -141,7 +141,7 @@ class FlopCounter(TorchDispatchMode):
         return out
 
 
-def _by_kind(snapshot: dict) -> dict[str, int]:
+def by_kind(snapshot: dict) -> dict[str, int]:
     out = dict.fromkeys([*KINDS.values(), TOTAL], 0)
     for dev_snap in snapshot.values():
         for key, value in dev_snap.items():
@@ -184,7 +184,7 @@ def trace_step(model: nn.Module, make_inputs: Callable[[], tuple], loss_fn: Call
         inputs = make_inputs()
         with amp:
             out = model(*inputs)
-        after_forward = _by_kind(tracker.get_tracker_snapshot("current"))
+        after_forward = by_kind(tracker.get_tracker_snapshot("current"))
         loss = loss_fn(out)
         if loss.requires_grad:  # a frozen backbone under a trained head never runs backward
             loss.backward()
@@ -196,7 +196,7 @@ def trace_step(model: nn.Module, make_inputs: Callable[[], tuple], loss_fn: Call
         outputs = _outputs(out)
         del out
     flops = flop_counter.total if count_flops else 0
-    peak = _by_kind(tracker.get_tracker_snapshot("peak"))
+    peak = by_kind(tracker.get_tracker_snapshot("peak"))
     return StepTrace(peak=peak, peak_with_grads=tracker.peak_with_grads if tracker.virtual_grads else peak,
                      after_forward=after_forward, flops=int(flops), outputs=outputs)
 
@@ -215,7 +215,7 @@ def trace_forward(model: nn.Module, make_inputs: Callable[[], tuple], *, fake_mo
         out = model(*inputs)
         outputs = _outputs(out)
         del out, inputs
-    return {"peak": _by_kind(tracker.get_tracker_snapshot("peak")),
+    return {"peak": by_kind(tracker.get_tracker_snapshot("peak")),
             "flops": int(flop_counter.total) if count_flops else 0, "outputs": outputs}
 
 

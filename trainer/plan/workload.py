@@ -191,11 +191,11 @@ def own_backbone(exp: Experiment) -> OwnBackbone | None:
     source = exp.model.pretrained_path or kw.get("pretrained_path") or (entry.hub_id if kw.get("pretrained") else None)
     root = loading.resolve_path(source) if source else None
     ctor = {k: v for k, v in kw.items() if k not in _LOAD_KWARGS}
-    factory._check_kwargs(factory._model_class(entry.family), ctor)
+    factory.check_kwargs(factory.family_class(entry.family), ctor)
     # the config is the checkpoint's config.json when there is one, else the catalog's (tiny) dimensions
-    spec = {"backbone": name, "dims": catalog._thaw(entry.dims), "tiny": bool(tiny), "kwargs": ctor,
+    spec = {"backbone": name, "dims": catalog.thaw(entry.dims), "tiny": bool(tiny), "kwargs": ctor,
             "checkpoint_config": loading.read_config_json(root) if root is not None else None}
-    return OwnBackbone(entry, ctor, spec, lambda: factory._config(entry, root, tiny, kw.get("trust_remote_code", False)))
+    return OwnBackbone(entry, ctor, spec, lambda: factory.backbone_config_for(entry, root, tiny, kw.get("trust_remote_code", False)))
 
 
 def _kinds(config) -> list[str]:
@@ -232,11 +232,11 @@ def _set_layers(config, n: int) -> None:
 
 def build(b: OwnBackbone, depths: dict[str, int] | None = None) -> nn.Module:
     """On the meta device (initialisers never run; convert with `trace.meta_to_fake_`)."""
-    from trainer.backbones.factory import _model_class
+    from trainer.backbones.factory import family_class
 
     cfg, kwargs = _at_depth(b, depths)
     with torch.device("meta"):
-        model = _model_class(b.family)(cfg, **kwargs)
+        model = family_class(b.family)(cfg, **kwargs)
         model.finalize()
     return model
 
@@ -250,9 +250,9 @@ def stacks(b: OwnBackbone, model: nn.Module) -> dict[str, int]:
         run = model.config.layer_types[: len(model.language_model.layers)]
         return {k: run.count(k) for k in dict.fromkeys(run)}
     if getattr(model, "mode", "vision") == catalog.FULL:
-        vision = len(model.visual.blocks) if fam == "qwen2_vl" else len(model._vision_layers())
+        vision = len(model.visual.blocks) if fam == "qwen2_vl" else len(model.vision_layers())
         return {"vision": vision, "text": len(model.language_model.layers)}
-    return {"vision": len(model._vision_layers())}
+    return {"vision": len(model.vision_layers())}
 
 
 # --- parameter counts ----------------------------------------------------------------------------------
@@ -374,7 +374,7 @@ def backbone_step(b: OwnBackbone, full: dict[str, int], mode: TraceMode, shape: 
     lo = {s: min(n, 2) for s, n in full.items()}
     hi = {s: min(n, 4) for s, n in full.items()}
     spec = {"kind": "backbone", **b.spec, "mode": mode.key(), "input": shape.key(),
-            "torch": torch.__version__, "transformers": _version("transformers")}
+            "torch": torch.__version__, "transformers": package_version("transformers")}
 
     fresh = []
 
@@ -394,7 +394,7 @@ def backbone_step(b: OwnBackbone, full: dict[str, int], mode: TraceMode, shape: 
     return out
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from trainer.config import Experiment
-from trainer.data.geotiff import TileHeader, _same_grid, read_header
+from trainer.data.geotiff import TileHeader, same_grid, read_header
 from trainer.errors import DataError
 
 
@@ -32,7 +32,7 @@ def check_inputs(paths: Sequence[Path], exp: Experiment, n_stats: int, num_dates
         if bands and n_stats not in (h.count, len(bands)):
             raise DataError(f"wrong band count: {path} has {h.count} bands but stats.json has {n_stats} entries "
                             f"(neither the scene's bands nor data.bands={list(bands)})")
-        if headers and not _same_grid(headers[0], h):
+        if headers and not same_grid(headers[0], h):
             f = headers[0]
             raise DataError(f"dates are not co-registered: {f.path} ({f.crs}, {f.height}x{f.width}, {f.transform}) vs "
                             f"{h.path} ({h.crs}, {h.height}x{h.width}, {h.transform}); resample every date onto one "

@@ -334,7 +334,7 @@ def _locked(sweep_dir: Path):
         yield
 
 
-def _load_state(sweep_dir: Path) -> dict[str, JobResult]:
+def read_state(sweep_dir: Path) -> dict[str, JobResult]:
     path = sweep_dir / STATE_FILE
     if not path.is_file():
         return {}
@@ -358,7 +358,7 @@ def run_sweep(sweep: Sweep, echo=print) -> int:
     from trainer.sweep.sweep_summary import write_summary
 
     with _locked(sweep.dir), _StopFlag() as stop:
-        results = _load_state(sweep.dir)
+        results = read_state(sweep.dir)
         for i, job in enumerate(sweep.jobs, 1):
             job_dir = sweep.dir / job.name
             res = results.get(job.name) or JobResult(job.name)

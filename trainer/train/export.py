@@ -116,7 +116,7 @@ def base_names(model: nn.Module, trained: bool = True) -> set[str]:
     return out - trainable
 
 
-def _bnb_modules(model: nn.Module) -> dict[str, nn.Module]:
+def bnb_modules(model: nn.Module) -> dict[str, nn.Module]:
     import bitsandbytes as bnb
 
     return {plain_name(n + ".").rstrip("."): m for n, m in model.named_modules()
@@ -129,7 +129,7 @@ def split_lora_state(state: dict[str, torch.Tensor], model: nn.Module | None, ba
     cannot be loaded back without bitsandbytes' quant state)."""
     from trainer.model.fitting import dequantized_weight
 
-    bnb = _bnb_modules(model) if model is not None else {}
+    bnb = bnb_modules(model) if model is not None else {}
     adapter, rest = {}, {}
     for key, value in state.items():
         if "lora_" in key:

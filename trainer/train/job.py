@@ -30,7 +30,7 @@ def resolve_precision(exp: Experiment, profile: Profile, has_cuda: bool) -> str:
     return profile.dtype if has_cuda else "fp32"
 
 
-def _ds_config(exp: Experiment, profile: Profile, precision: str, world_size: int, total: int) -> dict | None:
+def ds_config_for(exp: Experiment, profile: Profile, precision: str, world_size: int, total: int) -> dict | None:
     name = profile.deepspeed
     if name is None:
         return None

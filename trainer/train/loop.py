@@ -86,7 +86,6 @@ class LoopParts:
     model: torch.nn.Module
     optimizer: Any
     scheduler: Any
-    scheduler_in_engine: bool  # DeepSpeed steps a scheduler that came from its JSON
     train_loader: Any
     val_loader: Any
     sampler: EpochSampler
@@ -156,13 +155,12 @@ def train(parts: LoopParts, progress: Progress) -> tuple[Progress, bool]:
                 with acc.accumulate(parts.model):
                     loss = parts.batch_loss(parts.model, batch)
                     acc.backward(loss)
-                    if acc.sync_gradients and run.grad_clip and not acc.distributed_type == "DEEPSPEED":
+                    if acc.sync_gradients and run.grad_clip:  # under DeepSpeed its engine clips (Accelerate knows)
                         acc.clip_grad_norm_(parts.model.parameters(), run.grad_clip)
                     parts.optimizer.step()
                     parts.optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach().float().cpu() / gas
-            if not parts.scheduler_in_engine:
-                parts.scheduler.step()
+            parts.scheduler.step()  # a scheduler from the DeepSpeed JSON: Accelerate's wrapper, its engine steps it
             progress.step += 1
             progress.batch_in_epoch += gas
             # mask, not image: a multimodal batch's image is a dict of modalities

@@ -53,13 +53,13 @@ def merged_entries(model: nn.Module) -> list[Entry]:
     """(plain name, shape, dtype, producer) for every tensor of the merged plain model."""
     from peft.tuners.lora import LoraLayer
 
-    from trainer.train.export import _bnb_modules, plain_name
+    from trainer.train.export import bnb_modules, plain_name
 
     handled: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         if isinstance(m, LoraLayer):
             handled[plain_name(name + ".").rstrip(".")] = m
-    for name, m in _bnb_modules(model).items():
+    for name, m in bnb_modules(model).items():
         handled.setdefault(name, m)
     entries: list[Entry] = []
     for name, m in handled.items():

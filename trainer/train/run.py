@@ -17,8 +17,8 @@ from trainer.memory.profiles import Profile, check_combination, resolve_profile
 from trainer.train.export import export_job
 from trainer.train.report import MetricsLog, plot_curves
 from trainer.train.trackers import hparams, init_kwargs, select_trackers
-from trainer.train.job import (COMPUTE_DTYPE, Job, _ds_config, agree_on_auto, announce_auto,  # noqa: F401
-                               load_spec, make_accelerator, resolve_precision)
+from trainer.train.job import (COMPUTE_DTYPE, Job, announce_auto, ds_config_for, load_spec, make_accelerator,
+                               resolve_precision)
 from trainer.train.universal import load_universal, needs_universal, with_load_universal
 
 log = logging.getLogger("terrascale")
@@ -100,7 +100,8 @@ def resolve_auto(exp: Experiment, resuming: bool):
 
 
 def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> Job:
-    """Profile → datasets → DeepSpeed config → Accelerator → model/optimizer/scheduler/loaders, prepared.
+    """Profile (and `auto`) → datasets → DeepSpeed config → accelerator → model → optimizer and scheduler →
+    loaders, prepared by Accelerate; `main` then resumes from the job dir. Each step is one function below, in that order.
 
     `memory.profile: auto` is replaced by the planner's choice (kept from the job's frozen config when
     `resuming`); `Job.exp` is the experiment as run, with the concrete profile."""
@@ -108,14 +109,8 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
         from trainer.train.terratorch_run import setup as terratorch_setup
 
         return terratorch_setup(exp, universal=universal, resuming=resuming)
-    from accelerate.utils import set_seed
-
-    from trainer.data import build_datasets
-    from trainer.model.fitting import apply_profile
-    from trainer.model.tasks import build_task
     from trainer.model.terratorch_task import TaskMetrics, TaskSteps
-    from trainer.runtime import cuda_available, prepare_environment, setup_logging
-    from trainer.train.loop import EpochSampler, steps_per_epoch, total_steps
+    from trainer.runtime import cuda_available, prepare_environment
 
     exp, auto_choice = resolve_auto(exp, resuming)
     profile = resolve_profile(exp.memory)
@@ -123,54 +118,15 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
     has_cuda = cuda_available()
     precision = resolve_precision(exp, profile, has_cuda)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-
-    # The accelerator needs the rendered DeepSpeed config, whose scheduler may need the total steps, which
-    # need the dataset length: datasets come first (cheap: file lists; generation is atomic across ranks).
-    train_ds, val_ds = build_datasets(exp)
-    per_epoch = steps_per_epoch(len(train_ds), exp.data.batch_size, world, exp.run.grad_accum)
-    if per_epoch < 1:
-        raise ConfigError([f"data: {len(train_ds)} training tiles are fewer than one step needs (data.batch_size "
-                           f"{exp.data.batch_size} × run.grad_accum {exp.run.grad_accum} × {world} process(es)); "
-                           "add tiles or lower data.batch_size"])
-    total = total_steps(exp.run, per_epoch)
-    ds_config = _ds_config(exp, profile, precision, world, total)
-    if universal:  # resuming a ZeRO checkpoint written by another number of processes
-        ds_config = with_load_universal(ds_config)
-    stage = ds.zero_stage(ds_config) if ds_config else 0
-    check_combination(profile, stage, ds.offloads(ds_config) if ds_config else {})
-    if ds_config is not None and (problem := ds.nvme_problem(ds_config)):
-        raise ConfigError([problem])
-    accelerator = make_accelerator(exp, ds_config, precision)
-    setup_logging(accelerator.is_main_process)
-    if auto_choice is not None:
-        announce_auto(accelerator, auto_choice)
-    log.info("job %s: profile %s, precision %s, %s, %d process(es), %d steps (%d per epoch)", exp.job_dir,
-             profile.name, precision, f"DeepSpeed ZeRO-{ds.zero_stage(ds_config)}" if ds_config else "no DeepSpeed",
-             accelerator.num_processes, total, per_epoch)
-
-    set_seed(exp.run.seed)
-    spec = load_spec(exp, profile, precision, stage, has_cuda)
-    task = build_task(exp, spec)  # TerraTorch's task: model (by its factory), criterion, metrics
-    model = task.model = apply_profile(task.model, profile, COMPUTE_DTYPE[precision], stage)
-    if ds_config is not None and precision == "bf16":
-        model = model.to(torch.bfloat16)  # DeepSpeed does not cast fp32 buffers (Prithvi pos_embed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(exp, params, ds_config)
+    # The accelerator needs the rendered DeepSpeed config, whose scheduler may need the total steps, which need the
+    # dataset length: datasets come first (cheap: file lists; generation is atomic across ranks).
+    train_ds, val_ds, per_epoch, total = _datasets(exp, world)
+    ds_config, stage = _deepspeed(exp, profile, precision, world, total, universal)
+    accelerator = _accelerator(exp, profile, precision, ds_config, auto_choice, total, per_epoch)
+    task, model = _model(exp, profile, precision, stage, has_cuda, ds_config)
+    optimizer = build_optimizer(exp, [p for p in model.parameters() if p.requires_grad], ds_config)
     scheduler, scheduler_in_engine = build_scheduler(exp, optimizer, total, ds_config)
-
-    sampler = EpochSampler(len(train_ds), per_epoch * exp.run.grad_accum * exp.data.batch_size * world,
-                           seed=exp.run.seed)
-    loader_kw = dict(batch_size=exp.data.batch_size, num_workers=exp.data.num_workers, pin_memory=has_cuda)
-    # Each loader draws its workers' base seed from its own generator, not from the global torch RNG: every
-    # `iter()` of a DataLoader takes one number from `generator` (the global RNG when None). A resumed run
-    # creates its (skip-batches) iterator right after restoring the RNG, where the straight run had created it
-    # at the epoch start, so with the global RNG the draw shifts every later random number (LoRA dropout masks)
-    # and resume is no longer exact. Samples do not depend on it (order and flips are a pure function of
-    # (seed, epoch, index)), so this generator needs no checkpointing.
-    train_loader = torch.utils.data.DataLoader(train_ds, sampler=sampler, drop_last=True,
-                                               generator=torch.Generator().manual_seed(exp.run.seed), **loader_kw)
-    val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False,
-                                             generator=torch.Generator().manual_seed(exp.run.seed + 1), **loader_kw)
+    sampler, train_loader, val_loader = _loaders(exp, train_ds, val_ds, per_epoch, world, has_cuda)
     if scheduler_in_engine:
         model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
             model, optimizer, train_loader, val_loader, scheduler)
@@ -186,6 +142,80 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
     return job
 
 
+def _datasets(exp: Experiment, world: int):
+    """(train, val, steps per epoch, total steps)."""
+    from trainer.data import build_datasets
+    from trainer.train.loop import steps_per_epoch, total_steps
+
+    train_ds, val_ds = build_datasets(exp)
+    per_epoch = steps_per_epoch(len(train_ds), exp.data.batch_size, world, exp.run.grad_accum)
+    if per_epoch < 1:
+        raise ConfigError([f"data: {len(train_ds)} training tiles are fewer than one step needs (data.batch_size "
+                           f"{exp.data.batch_size} × run.grad_accum {exp.run.grad_accum} × {world} process(es)); "
+                           "add tiles or lower data.batch_size"])
+    return train_ds, val_ds, per_epoch, total_steps(exp.run, per_epoch)
+
+
+def _deepspeed(exp: Experiment, profile, precision: str, world: int, total: int, universal: bool):
+    """(the rendered DeepSpeed config or None, its ZeRO stage), the profile's combination rules checked."""
+    ds_config = ds_config_for(exp, profile, precision, world, total)
+    if universal:  # resuming a ZeRO checkpoint written by another number of processes
+        ds_config = with_load_universal(ds_config)
+    stage = ds.zero_stage(ds_config) if ds_config else 0
+    check_combination(profile, stage, ds.offloads(ds_config) if ds_config else {})
+    if ds_config is not None and (problem := ds.nvme_problem(ds_config)):
+        raise ConfigError([problem])
+    return ds_config, stage
+
+
+def _accelerator(exp: Experiment, profile, precision: str, ds_config, auto_choice, total: int, per_epoch: int):
+    from trainer.runtime import setup_logging
+
+    accelerator = make_accelerator(exp, ds_config, precision)
+    setup_logging(accelerator.is_main_process)
+    if auto_choice is not None:
+        announce_auto(accelerator, auto_choice)
+    log.info("job %s: profile %s, precision %s, %s, %d process(es), %d steps (%d per epoch)", exp.job_dir,
+             profile.name, precision, f"DeepSpeed ZeRO-{ds.zero_stage(ds_config)}" if ds_config else "no DeepSpeed",
+             accelerator.num_processes, total, per_epoch)
+    return accelerator
+
+
+def _model(exp: Experiment, profile, precision: str, stage: int, has_cuda: bool, ds_config):
+    """(the TerraTorch task, its model with the profile applied): seeded, checkpoint streamed per `load_spec`."""
+    from accelerate.utils import set_seed
+
+    from trainer.model.fitting import apply_profile
+    from trainer.model.tasks import build_task
+
+    set_seed(exp.run.seed)
+    task = build_task(exp, load_spec(exp, profile, precision, stage, has_cuda))  # model, criterion, metrics
+    model = task.model = apply_profile(task.model, profile, COMPUTE_DTYPE[precision], stage)
+    if ds_config is not None and precision == "bf16":
+        model = model.to(torch.bfloat16)  # DeepSpeed does not cast fp32 buffers (Prithvi pos_embed)
+    return task, model
+
+
+def _loaders(exp: Experiment, train_ds, val_ds, per_epoch: int, world: int, has_cuda: bool):
+    """(the epoch sampler, train loader, val loader)."""
+    from trainer.train.loop import EpochSampler
+
+    sampler = EpochSampler(len(train_ds), per_epoch * exp.run.grad_accum * exp.data.batch_size * world,
+                           seed=exp.run.seed)
+    loader_kw = dict(batch_size=exp.data.batch_size, num_workers=exp.data.num_workers, pin_memory=has_cuda)
+    # Each loader draws its workers' base seed from its own generator, not from the global torch RNG: every
+    # `iter()` of a DataLoader takes one number from `generator` (the global RNG when None). A resumed run
+    # creates its (skip-batches) iterator right after restoring the RNG, where the straight run had created it
+    # at the epoch start, so with the global RNG the draw shifts every later random number (LoRA dropout masks)
+    # and resume is no longer exact. Samples do not depend on it (order and flips are a pure function of
+    # (seed, epoch, index)), so this generator needs no checkpointing.
+    train_loader = torch.utils.data.DataLoader(train_ds, sampler=sampler, drop_last=True,
+                                               generator=torch.Generator().manual_seed(exp.run.seed), **loader_kw)
+    val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False,
+                                             generator=torch.Generator().manual_seed(exp.run.seed + 1), **loader_kw)
+    return sampler, train_loader, val_loader
+
+
 def primary_metric(job: Job) -> str:
     from trainer.model.terratorch_task import primary_metric as task_primary
 
@@ -197,7 +227,7 @@ def loop_parts(job: Job, on_log, on_checkpoint, stop: StopRequest):
 
     return LoopParts(
         accelerator=job.accelerator, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler,
-        scheduler_in_engine=job.scheduler_in_engine, train_loader=job.train_loader, val_loader=job.val_loader,
+        train_loader=job.train_loader, val_loader=job.val_loader,
         sampler=job.sampler, train_dataset=job.train_ds, metrics=job.task_metrics, run=job.exp.run,
         per_epoch=job.per_epoch, total=job.total, on_log=on_log, on_checkpoint=on_checkpoint, stop=stop,
         primary_metric=primary_metric(job), batch_loss=job.task_steps.train_loss, eval_batch=job.task_steps.eval_batch)
@@ -219,7 +249,7 @@ def main(exp: Experiment, stop: StopRequest | None = None) -> int:
     if stop.agreed(accelerator):  # signalled during imports, data or DeepSpeed set-up: nothing written yet
         log.warning("stopped on request during start-up, before training; nothing was written. Re-run the same "
                     "command to start.")
-        _shutdown(accelerator)
+        shutdown_job(accelerator)
         return 0
     own_scheduler = None if job.scheduler_in_engine else job.scheduler
     if accelerator.is_main_process:
@@ -265,7 +295,7 @@ def main(exp: Experiment, stop: StopRequest | None = None) -> int:
                           "profile": job.profile.name})
         if out:
             log.info("exported weights to %s (%s)", out, ", ".join(sorted(p.name for p in out.iterdir())))
-    _shutdown(accelerator)
+    shutdown_job(accelerator)
     if lock is not None:
         lock.release()
     return 0
@@ -289,7 +319,7 @@ def write_load_report(job_dir: Path, model) -> None:
         (job_dir / "load.json").write_text(json.dumps(report.as_json(), indent=1) + "\n")
 
 
-def _shutdown(accelerator) -> None:
+def shutdown_job(accelerator) -> None:
     """Without a final barrier + destroy, rank 0 of a gloo job can exit 1 while others still talk."""
     import torch.distributed as dist
 

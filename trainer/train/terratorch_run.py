@@ -64,7 +64,7 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
         every = spec.eval_every_epochs * per_epoch
         exp = exp.model_copy(update={"run": exp.run.model_copy(update={"eval_every": every})})
     total = total_steps(exp.run, per_epoch)
-    ds_config = J._ds_config(exp, profile, precision, world, total)
+    ds_config = J.ds_config_for(exp, profile, precision, world, total)
     if ds_config is not None and ("optimizer" in ds_config or "scheduler" in ds_config):
         raise ConfigError(["memory.deepspeed: the DeepSpeed JSON names its own optimizer/scheduler; a terratorch "
                            "file's optimizer and lr_scheduler blocks are used instead: remove them from the JSON"])
