@@ -63,18 +63,25 @@ def test_warm_child_is_killed_at_the_timeout(tmp_path):
     assert time.monotonic() - t0 < 60
 
 
+def assert_same_run(a_job, b_job) -> None:
+    """Same metrics records and bitwise the same export. Peak RSS is the one field that differs: a forked child
+    shares the zygote's imported pages."""
+    def strip(recs):
+        return [{k: v for k, v in m.items() if k not in ("time", "elapsed", "samples_per_s", "peak_rss_mb")}
+                for m in recs]
+
+    assert strip(metrics(a_job)) == strip(metrics(b_job))
+    a, b = load_export(a_job), load_export(b_job)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_warm_and_real_training_runs_are_equal(tmp_path):
     args = [*TINY, f"data.root={tmp_path / 'data'}", "memory.profile=full", "run.max_steps=4"]
     w = check(run_train([*args, f"checkpoint.dir={tmp_path / 'warm'}"]))
     r = check(run_train([*args, f"checkpoint.dir={tmp_path / 'real'}"], warm=False))
     assert "profile full" in w.stderr and "profile full" in r.stderr
-    # peak RSS is the one field that differs: a forked child shares the zygote's imported pages
-    strip = lambda recs: [{k: v for k, v in m.items() if k not in ("time", "elapsed", "samples_per_s", "peak_rss_mb")}  # noqa: E731,E501
-                          for m in recs]
-    assert strip(metrics(tmp_path / "warm")) == strip(metrics(tmp_path / "real"))
-    a, b = load_export(tmp_path / "warm"), load_export(tmp_path / "real")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(tmp_path / "warm", tmp_path / "real")
 
 
 def test_a_zygote_whose_socket_was_removed_is_replaced_aloud(tmp_path, capsys):
@@ -102,11 +109,7 @@ def test_warm_ranks_and_a_real_two_process_launch_are_equal(tmp_path):
     assert w.args[0] == sys.executable and r.args[0].endswith("accelerate"), "both ran the real launcher"
     for out in (w, r):
         assert "2 process(es)" in out.stderr and "DeepSpeed ZeRO-3" in out.stderr
-    strip = lambda recs: [{k: v for k, v in m.items() if k not in ("time", "elapsed", "samples_per_s", "peak_rss_mb")}  # noqa: E731,E501
-                          for m in recs]
-    assert strip(metrics(tmp_path / "warm")) == strip(metrics(tmp_path / "real"))
-    a, b = load_export(tmp_path / "warm"), load_export(tmp_path / "real")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(tmp_path / "warm", tmp_path / "real")
 
 
 def test_warm_ranks_exit_like_the_launcher_when_one_fails(tmp_path):
