@@ -90,6 +90,14 @@ class NanAsIgnored(nn.Module):
         return self.criterion(pred, torch.where(torch.isnan(target), float(self.ignore_index), target))
 
 
+def terrascale_criterion(task_name: str, criterion: nn.Module, ignore_index) -> nn.Module:
+    """What terrascale adds to the criterion TerraTorch's task built: NaN targets as ignored (regression), an
+    all-nodata batch's cross-entropy 0 (segmentation, change detection)."""
+    if task_name == "regression":
+        return NanAsIgnored(criterion, ignore_index)
+    return _safe_cross_entropy(criterion)
+
+
 def _task_classes():
     """terrascale's TerraTorch task subclasses (defined on first use: importing terratorch.tasks costs ~15 s)."""
     global _CLASSES
@@ -103,7 +111,7 @@ def _task_classes():
 
         def configure_losses(self) -> None:
             super().configure_losses()
-            self.criterion = _safe_cross_entropy(self.criterion)
+            self.criterion = terrascale_criterion("segmentation", self.criterion, self.hparams["ignore_index"])
 
     class ChangeDetectionTask(SegmentationTask):
         __doc__ = "Segmentation of change (class 1) between dates; metrics of the change class (trainer.model.tasks)."
@@ -121,7 +129,7 @@ def _task_classes():
 
         def configure_losses(self) -> None:
             super().configure_losses()
-            self.criterion = NanAsIgnored(self.criterion, self.hparams["ignore_index"])
+            self.criterion = terrascale_criterion("regression", self.criterion, self.hparams["ignore_index"])
 
     _CLASSES = SimpleNamespace(segmentation=SegmentationTask, change_detection=ChangeDetectionTask,
                                regression=CoherenceRegressionTask)
@@ -156,9 +164,7 @@ def criterion(task: TaskConfig) -> nn.Module:
     from terratorch.tasks import PixelwiseRegressionTask, SemanticSegmentationTask
 
     (PixelwiseRegressionTask if task.name == "regression" else SemanticSegmentationTask).configure_losses(holder)
-    if task.name == "regression":
-        return NanAsIgnored(holder.criterion, task.ignore_index)
-    return _safe_cross_entropy(holder.criterion)
+    return terrascale_criterion(task.name, holder.criterion, task.ignore_index)
 
 
 def build_task(exp: Experiment, spec=None):
