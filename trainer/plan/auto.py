@@ -84,8 +84,11 @@ def choose(exp: Experiment, resuming: bool, builders=None, inputs=None) -> AutoC
     gpu, cpu, gpu_src = budgets(exp)
     extra = {"builders": builders, **(inputs() if inputs is not None else {})}
     profile, table, reason = choose_profile(exp, gpu, cpu, exp.memory.nvme_path, **extra)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_gpu = "" if world == 1 else (f" (planned for one GPU; with {world} processes ZeRO shards states further, "
+    from trainer.plan.assumptions import PLAN_WORLD_SIZE
+    from trainer.runtime import world_size
+
+    world = world_size()
+    per_gpu = "" if world == PLAN_WORLD_SIZE else (f" (planned for one GPU; with {world} processes ZeRO shards states further, "
                                      "so the plan is conservative)")
     return AutoChoice(profile.name, f"{reason}; GPU budget from {gpu_src}{per_gpu}", table, kept=False,
                       assumed_gpu=gpu_src.startswith("the default"))
