@@ -14,7 +14,7 @@ from trainer.config import Experiment, dump_experiment
 from trainer.errors import ConfigError
 from trainer.memory import deepspeed as ds
 from trainer.memory.profiles import check_deepspeed, precision_for, profile_for
-from trainer.train.export import export_job
+from trainer.train.export import backbone_name, export_job, export_metadata  # noqa: F401  (backbone_name: predict's)
 from trainer.train.report import MetricsLog, plot_curves
 from trainer.train.trackers import hparams, init_kwargs, select_trackers
 from trainer.train.job import COMPUTE_DTYPE, Job, announce_auto, load_spec, make_accelerator
@@ -291,21 +291,13 @@ def main(exp: Experiment, stop: StopRequest | None = None) -> int:
                     progress.step)
     elif exp.checkpoint.export:
         out = export_job(accelerator, job.model, exp, job.profile, job.zero_stage, job_dir / "export",
-                         {"backbone": backbone_name(exp), "step": progress.step, "task": exp.task.name,
-                          "profile": job.profile.name})
+                         export_metadata(exp, job.profile.name, progress.step))
         if out:
             log.info("exported weights to %s (%s)", out, ", ".join(sorted(p.name for p in out.iterdir())))
     shutdown_job(accelerator)
     if lock is not None:
         lock.release()
     return 0
-
-
-def backbone_name(exp: Experiment) -> str:
-    if exp.terratorch is None:
-        return exp.model.backbone
-    init = exp.terratorch.config["model"].get("init_args") or {}
-    return str((init.get("model_args") or {}).get("backbone", "terratorch"))
 
 
 def write_load_report(job_dir: Path, model) -> None:
