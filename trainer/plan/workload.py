@@ -285,14 +285,6 @@ def count_params(model: nn.Module, lora_targets: list[str] | None, rank: int | N
     )
 
 
-def lora_targets_for(model: nn.Module, profile: Profile) -> list[str] | None:
-    if profile.lora is None:
-        return None
-    from trainer.model.fitting import lora_targets  # the run's rule for which modules get adapters
-
-    return lora_targets(model, profile)
-
-
 # --- traced steps --------------------------------------------------------------------------------------
 def prepare_for_trace(model: nn.Module, mode: TraceMode, backbone: nn.Module | None = None) -> nn.Module:
     """Dtypes, trainability, LoRA and checkpointing as the profile sets them (fitting's order)."""
