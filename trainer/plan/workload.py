@@ -133,8 +133,8 @@ def inference_mode(precision: str) -> TraceMode:
 
 
 def uses_deepspeed_cast(profile: Profile) -> bool:
-    # trainer.train.run casts the whole model to bf16 when DeepSpeed runs in bf16; without DeepSpeed Accelerate
-    # keeps fp32 weights and autocasts.
+    # under DeepSpeed the run holds the model in the compute dtype (trainer.train.job.deepspeed_bf16); without it
+    # Accelerate keeps fp32 weights and autocasts.
     return profile.deepspeed is not None
 
 

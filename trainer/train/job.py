@@ -25,6 +25,13 @@ log = logging.getLogger("terrascale")
 COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def deepspeed_bf16(ds_config: dict | None, precision: str) -> bool:
+    """The whole model (and so its inputs) is cast to bf16: DeepSpeed in bf16 does not cast fp32 buffers (Prithvi's
+    pos_embed). Without DeepSpeed, Accelerate keeps fp32 weights and autocasts (the planner traces the same:
+    trainer.plan.workload.uses_deepspeed_cast)."""
+    return ds_config is not None and precision == "bf16"
+
+
 def load_spec(exp: Experiment, profile: Profile, precision: str, zero_stage: int, has_cuda: bool):
     """How the backbone checkpoint is placed for this run (trainer.backbones.stream.LoadSpec)."""
     from trainer.backbones.stream import LoadSpec
@@ -99,7 +106,7 @@ class Job:
 
     @property
     def input_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if (self.ds_config is not None and self.precision == "bf16") else torch.float32
+        return torch.bfloat16 if deepspeed_bf16(self.ds_config, self.precision) else torch.float32
 
 
 def agree_on_auto(accelerator, name: str) -> None:

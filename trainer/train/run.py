@@ -17,7 +17,7 @@ from trainer.memory.profiles import check_deepspeed, precision_for, profile_for
 from trainer.train.export import backbone_name, export_job, export_metadata  # noqa: F401  (backbone_name: predict's)
 from trainer.train.report import MetricsLog, plot_curves
 from trainer.train.trackers import hparams, init_kwargs, select_trackers
-from trainer.train.job import COMPUTE_DTYPE, Job, announce_auto, load_spec, make_accelerator
+from trainer.train.job import COMPUTE_DTYPE, Job, announce_auto, deepspeed_bf16, load_spec, make_accelerator
 from trainer.train.universal import load_universal, needs_universal, with_load_universal
 
 log = logging.getLogger("terrascale")
@@ -190,8 +190,8 @@ def _model(exp: Experiment, profile, precision: str, stage: int, has_cuda: bool,
     set_seed(exp.run.seed)
     task = build_task(exp, load_spec(exp, profile, precision, stage, has_cuda))  # model, criterion, metrics
     model = task.model = apply_profile(task.model, profile, COMPUTE_DTYPE[precision], stage)
-    if ds_config is not None and precision == "bf16":
-        model = model.to(torch.bfloat16)  # DeepSpeed does not cast fp32 buffers (Prithvi pos_embed)
+    if deepspeed_bf16(ds_config, precision):
+        model = model.to(torch.bfloat16)
     return task, model
 
 

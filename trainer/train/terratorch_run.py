@@ -87,7 +87,7 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
         raise ConfigError([problem], source=spec.source)
     model = apply_profile(model, profile, J.COMPUTE_DTYPE[precision], stage, encoder_path=path or "encoder")
     built.task.model = model
-    if ds_config is not None and precision == "bf16":
+    if J.deepspeed_bf16(ds_config, precision):
         model = model.to(torch.bfloat16)
     optimizer, sched_configs = T.task_optimizer(built.task, spec.source)
     scheduler = T.LightningSchedule(sched_configs, per_epoch)
