@@ -7,11 +7,11 @@ A profile is a frozen description; `trainer.model.models` applies it (quantize â
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
 from typing import TYPE_CHECKING
 
 from trainer.config import MemoryConfig
 from trainer.errors import ConfigError
+from trainer.memory import deepspeed as ds
 
 if TYPE_CHECKING:
     from trainer.config import Experiment
@@ -141,8 +141,6 @@ def check_combination(p: Profile, zero_stage: int, offloads: dict[str, str]) -> 
 def check_deepspeed(p: Profile, ds_config: dict | None) -> None:
     """`check_combination` against the profile's rendered DeepSpeed config (None: no DeepSpeed, ZeRO stage 0): the
     run refuses with it, the planner marks the profile refused with the same words."""
-    from trainer.memory import deepspeed as ds
-
     check_combination(p, ds.zero_stage(ds_config) if ds_config else 0, ds.offloads(ds_config) if ds_config else {})
 
 
