@@ -49,8 +49,8 @@ def backbone_name(exp: Experiment) -> str:
 
 def export_metadata(exp: Experiment, profile: str | None, step: int | None) -> dict[str, Any]:
     """The metadata written into an export's safetensors files: at the end of a run, by `terrascale export` and
-    into the merged model (`profile`, `step`: the job's, as export.json records them; read back by
-    `read_manifest`)."""
+    into the merged model. `profile` and `step` are the job's, the ones export.json records (which `read_manifest`
+    reads); the safetensors metadata itself is read back only to compare two exports (trainer.bench.bench_chaos)."""
     return {"backbone": backbone_name(exp), "step": step, "task": exp.task.name, "profile": profile}
 
 
