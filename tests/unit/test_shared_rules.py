@@ -155,6 +155,7 @@ def test_each_rule_is_built_in_one_place(block, home):
     ("profile_for", {"train/run.py", "train/terratorch_run.py", "plan/planner.py"}),
     ("world_size", {"train/run.py", "train/terratorch_run.py", "plan/auto.py"}),
     ("export_metadata", {"train/run.py", "cli/export.py"}),
+    ("deepspeed_bf16", {"train/run.py", "train/terratorch_run.py", "train/job.py"}),  # the model cast, Job.input_dtype
 ])
 def test_the_planner_and_the_run_call_the_same_rule(rule, callers):
     assert callers <= CALLS.get(rule, set())
