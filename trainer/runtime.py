@@ -25,6 +25,13 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def world_size() -> int:
+    """How many processes this run has: WORLD_SIZE as the launcher (accelerate launch, torchrun) sets it, 1 for a
+    lone process. Read before the Accelerator exists (steps per epoch, the DeepSpeed batch, the resume check);
+    afterwards `accelerator.num_processes` says the same."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

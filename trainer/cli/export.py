@@ -10,7 +10,7 @@ def export_from_checkpoint(job_dir: Path, checkpoint: str | None, overrides: lis
     from trainer.config import load_experiment
     from trainer.errors import CheckpointError
     from trainer.train.checkpoint import find_resume, load_checkpoint
-    from trainer.train.export import export_job
+    from trainer.train.export import export_job, export_metadata
     from trainer.train.run import shutdown_job, setup
 
     config = job_dir / "config.yaml"
@@ -23,8 +23,7 @@ def export_from_checkpoint(job_dir: Path, checkpoint: str | None, overrides: lis
     job = setup(exp)
     progress = load_checkpoint(job.accelerator, ckpt, job.frozen_excluded)
     out = export_job(job.accelerator, job.model, exp, job.profile, job.zero_stage, job_dir / "export",
-                     {"backbone": exp.model.backbone, "step": progress.step, "task": exp.task.name,
-                      "profile": job.profile.name})
+                     export_metadata(exp, job.profile.name, progress.step))
     shutdown_job(job.accelerator)
     return out
 
@@ -32,14 +31,13 @@ def export_from_checkpoint(job_dir: Path, checkpoint: str | None, overrides: lis
 def merge_export(export: Path, base: str | None = None) -> Path:
     """model.merged.safetensors (bf16) beside the export, from the model as trained; see trainer.train.merge."""
     from trainer.predict.inference import load_for_inference
-    from trainer.train.export import MERGED_FILE, read_manifest
+    from trainer.train.export import MERGED_FILE, export_metadata, read_manifest
     from trainer.train.merge import write_merged
 
     manifest = read_manifest(export)
     im = load_for_inference(export, device="cpu", base=base)
     out = export / MERGED_FILE
-    write_merged(im.model, out, {"backbone": im.exp.model.backbone, "task": im.exp.task.name,
-                                 "profile": manifest.get("profile"), "step": manifest.get("step")})
+    write_merged(im.model, out, export_metadata(im.exp, manifest.get("profile"), manifest.get("step")))
     return out
 
 

@@ -11,9 +11,13 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.config import Experiment
+    from trainer.memory.profiles import Profile
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -63,6 +67,28 @@ class DSFacts:
     total_steps: int
     hidden_size: int | None = None
     nvme_path: str | None = None
+
+
+def facts_for(exp: Experiment, precision: str, world_size: int, total_steps: int,
+              nvme_path: str | None = None) -> DSFacts:
+    """What `exp` tells a DeepSpeed JSON, for a run of `world_size` processes and `total_steps` optimizer steps in
+    `precision`. `nvme_path`: where the JSON's "auto" NVMe path points instead of memory.nvme_path (the planner,
+    which never swaps, renders with a placeholder when it is unset)."""
+    return DSFacts(micro_batch=exp.data.batch_size, grad_accum=exp.run.grad_accum, world_size=world_size,
+                   grad_clip=exp.run.grad_clip, precision=precision, lr=exp.optim.lr,
+                   weight_decay=exp.optim.weight_decay, betas=tuple(exp.optim.betas),
+                   warmup_steps=exp.scheduler.warmup_steps, total_steps=total_steps,
+                   nvme_path=nvme_path or exp.memory.nvme_path)
+
+
+def config_for(exp: Experiment, profile: Profile, precision: str, world_size: int, total_steps: int,
+               nvme_path: str | None = None) -> dict[str, Any] | None:
+    """The profile's DeepSpeed JSON rendered for `exp` (`facts_for`), or None for a profile without DeepSpeed: the
+    config the run hands to Accelerate (trainer.train.job) and the planner reads its ZeRO settings from."""
+    if profile.deepspeed is None:
+        return None
+    raw, path = load_json(profile.deepspeed)
+    return render(raw, facts_for(exp, precision, world_size, total_steps, nvme_path), source=str(path))
 
 
 def zero_stage(cfg: dict[str, Any]) -> int:

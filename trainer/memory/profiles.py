@@ -7,9 +7,14 @@ A profile is a frozen description; `trainer.model.models` applies it (quantize â
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from trainer.config import MemoryConfig
 from trainer.errors import ConfigError
+from trainer.memory import deepspeed as ds
+
+if TYPE_CHECKING:
+    from trainer.config import Experiment
 
 
 @dataclass(frozen=True)
@@ -81,10 +86,6 @@ def get_profile(name: str) -> Profile:
     return PROFILES[name]
 
 
-def profile_names() -> list[str]:
-    return list(PROFILES)
-
-
 def resolve_profile(memory: MemoryConfig) -> Profile:
     """The named profile with the experiment's adjustments applied (`memory.lora.rank=32`, ...)."""
     p = get_profile(memory.profile)
@@ -100,6 +101,24 @@ def resolve_profile(memory: MemoryConfig) -> Profile:
                  if v is not None}
         changes["lora"] = replace(p.lora or LoraSettings(), **given)
     return replace(p, **changes) if changes else p
+
+
+def profile_for(exp: Experiment, name: str) -> Profile:
+    """Profile `name` with the experiment's adjustments (LoRA rank, checkpointing...) applied; the experiment's own
+    DeepSpeed JSON (memory.deepspeed) only for the profile the experiment names. The run resolves its profile with
+    `profile_for(exp, exp.memory.profile)` (once `auto` is replaced by the choice), the planner every candidate."""
+    own = name == exp.memory.profile
+    memory = exp.memory.model_copy(update={"profile": name, "deepspeed": exp.memory.deepspeed if own else None})
+    return resolve_profile(memory)
+
+
+def precision_for(exp: Experiment, profile: Profile, on_gpu: bool) -> str:
+    """The precision a run of `profile` trains in: run.precision, or for `auto` the profile's dtype on a GPU and
+    fp32 on a CPU (bf16 on this class of CPU is ~10x slower than fp32). The run asks with `on_gpu` = CUDA is
+    available, the planner with whether it plans a GPU run (`Budget.device == "cuda"`)."""
+    if exp.run.precision != "auto":
+        return exp.run.precision
+    return profile.dtype if on_gpu else "fp32"
 
 
 def check_combination(p: Profile, zero_stage: int, offloads: dict[str, str]) -> None:
@@ -119,6 +138,12 @@ def check_combination(p: Profile, zero_stage: int, offloads: dict[str, str]) -> 
         raise ConfigError(problems)
 
 
+def check_deepspeed(p: Profile, ds_config: dict | None) -> None:
+    """`check_combination` against the profile's rendered DeepSpeed config (None: no DeepSpeed, ZeRO stage 0): the
+    run refuses with it, the planner marks the profile refused with the same words."""
+    check_combination(p, ds.zero_stage(ds_config) if ds_config else 0, ds.offloads(ds_config) if ds_config else {})
+
+
 def adapts_backbone(p: Profile) -> bool:
     """The profile changes the backbone itself (LoRA adapters, quantized linears, checkpointed blocks), so it needs
     a model whose backbone terrascale can find."""
@@ -131,6 +156,14 @@ def no_backbone_problem(p: Profile, model_name: str) -> str:
     return (f"memory.profile: {p.name} adapts the backbone, but {model_name} has none terrascale can find (encoder / "
             "smp_model.encoder / unet_model); use profile full or zero2 (or a ZeRO-3 profile with "
             "memory.grad_checkpointing=false)")
+
+
+def no_backbone_refusal(p: Profile, no_backbone: str | None) -> str | None:
+    """`no_backbone_problem` when the model has no backbone terrascale can find (`no_backbone`: its class name)
+    and `p` adapts one, else None: the run raises it, the planner shows it as the profile's refusal."""
+    if no_backbone is not None and adapts_backbone(p):
+        return no_backbone_problem(p, no_backbone)
+    return None
 
 
 def markdown_table() -> str:

@@ -215,6 +215,12 @@ def backbone_path(model: nn.Module) -> str | None:
     return None
 
 
+def missing_backbone(model: nn.Module) -> str | None:
+    """The model's class name when it has no backbone terrascale can find (`backbone_path` is None), else None:
+    what `trainer.memory.profiles.no_backbone_refusal` is asked with, by the run and by the planner alike."""
+    return None if backbone_path(model) is not None else type(model).__name__
+
+
 def datasets(built: Built, seed: int) -> tuple[Dataset, Dataset]:
     dm = built.datamodule
     if dm is None:

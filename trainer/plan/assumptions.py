@@ -19,6 +19,7 @@ PCIE_BYTES_PER_S = 25e9     # PCIe 4.0 x16: 31.5 GB/s raw per direction; ~25 GB/
 NVME_READ_PER_S, NVME_WRITE_PER_S = 7e9, 6e9  # a PCIe 4.0 x4 NVMe drive, sequential
 CUDA_CONTEXT_BYTES = 768 << 20  # CUDA context + cuBLAS/cuDNN workspaces on the GPU before any tensor
 FRAGMENTATION = 0.05        # PyTorch caching allocator: block rounding and fragmentation, share of tensor peak
+PLAN_WORLD_SIZE = 1         # every profile is planned for one process on one GPU (ZeRO shards nothing)
 AUTO_MARGIN = 0.10          # `auto` wants the GPU peak and CPU need at most 90 % of the budget
 # Fastest first, for one GPU (reasoning in docs/planner.md). On one GPU ZeRO shards nothing: zero2 needs more
 # GPU memory than full, zero3 more than lora; they are ranked by speed but can only win on several GPUs.

@@ -76,7 +76,9 @@ def choose(exp: Experiment, resuming: bool, builders=None, inputs=None) -> AutoC
     `inputs()`, called only when a plan is needed (not when a resumed job keeps its profile), returns more
     `plan_experiment` keywords: for a `terratorch fit` file the builders that hand over its built model, its batch
     shape and a label (`trainer.plan.terratorch_plan.plan_inputs`)."""
+    from trainer.plan.assumptions import PLAN_WORLD_SIZE
     from trainer.plan.planner import choose_profile
+    from trainer.runtime import world_size
 
     if resuming and (kept := frozen_profile(exp.job_dir)):
         return AutoChoice(kept, f"{kept}, chosen when this job started ({exp.job_dir / 'config.yaml'}); a resumed "
@@ -84,9 +86,9 @@ def choose(exp: Experiment, resuming: bool, builders=None, inputs=None) -> AutoC
     gpu, cpu, gpu_src = budgets(exp)
     extra = {"builders": builders, **(inputs() if inputs is not None else {})}
     profile, table, reason = choose_profile(exp, gpu, cpu, exp.memory.nvme_path, **extra)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_gpu = "" if world == 1 else (f" (planned for one GPU; with {world} processes ZeRO shards states further, "
-                                     "so the plan is conservative)")
+    world = world_size()
+    per_gpu = "" if world == PLAN_WORLD_SIZE else (f" (planned for one GPU; with {world} processes ZeRO shards "
+                                                   "states further, so the plan is conservative)")
     return AutoChoice(profile.name, f"{reason}; GPU budget from {gpu_src}{per_gpu}", table, kept=False,
                       assumed_gpu=gpu_src.startswith("the default"))
 

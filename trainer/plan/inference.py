@@ -106,7 +106,7 @@ def _counts(c: dict, lora: int) -> st.Counts:
 
 def _lora_params(exp: Experiment, m: Measurer) -> int:
     """Adapters the job trained (its memory.profile's LoRA), carried on top of the base at prediction."""
-    from trainer.plan.planner import profile_for
+    from trainer.memory.profiles import profile_for
 
     if exp.memory.profile == "auto" or m.own is None:
         return 0

@@ -14,13 +14,14 @@ from typing import Any
 from trainer.config import Experiment
 from trainer.errors import ConfigError, PlanError
 from trainer.memory import states as st
-from trainer.memory.profiles import Profile, adapts_backbone, check_combination, no_backbone_problem, resolve_profile
+from trainer.memory import deepspeed as ds
+from trainer.memory.profiles import Profile, check_deepspeed, no_backbone_refusal, precision_for, profile_for
 from trainer.plan import head as head_mod
 from trainer.plan import load_ram as lr
 from trainer.plan import workload as wl
 from trainer.plan.assumptions import (AUTO_MARGIN, CUDA_CONTEXT_BYTES, FRAGMENTATION,  # noqa: F401  (public here)
-                                      GPU_FLOPS, NVME_READ_PER_S, NVME_WRITE_PER_S, PCIE_BYTES_PER_S, SPEED_ORDER,
-                                      pick)
+                                      GPU_FLOPS, NVME_READ_PER_S, NVME_WRITE_PER_S, PCIE_BYTES_PER_S, PLAN_WORLD_SIZE,
+                                      SPEED_ORDER, pick)
 from trainer.plan.measure import Measurer
 from trainer.units import parse_size  # noqa: F401  (the planner's public API)
 
@@ -85,38 +86,16 @@ class Plan:
         return to_json(self)
 
 
-def profile_for(exp: Experiment, name: str) -> Profile:
-    """Profile `name` with the experiment's adjustments (LoRA rank, checkpointing...) applied; its own DeepSpeed
-    JSON only for the profile the experiment names."""
-    own = name == exp.memory.profile
-    memory = exp.memory.model_copy(update={"profile": name, "deepspeed": exp.memory.deepspeed if own else None})
-    return resolve_profile(memory)
-
-
-def precision_for(exp: Experiment, profile: Profile, device: str) -> str:
-    # the rule trainer.train.run.resolve_precision applies
-    if exp.run.precision != "auto":
-        return exp.run.precision
-    return profile.dtype if device == "cuda" else "fp32"
-
-
 def _zero(exp: Experiment, profile: Profile, precision: str) -> tuple[st.ZeroSettings | None, str | None]:
-    """(ZeRO settings, refusal) from the profile's rendered DeepSpeed JSON and trainer.memory.profiles' rules."""
-    from trainer.memory import deepspeed as ds
-
-    if profile.deepspeed is None:
-        zero, offloads = None, {}
-    else:
-        raw, path = ds.load_json(profile.deepspeed)
-        facts = ds.DSFacts(micro_batch=exp.data.batch_size, grad_accum=exp.run.grad_accum, world_size=1,
-                           grad_clip=exp.run.grad_clip, precision=precision, lr=exp.optim.lr,
-                           weight_decay=exp.optim.weight_decay, betas=tuple(exp.optim.betas),
-                           warmup_steps=exp.scheduler.warmup_steps, total_steps=exp.run.max_steps or 1000,
-                           nvme_path=exp.memory.nvme_path or "/nvme")
-        cfg = ds.render(raw, facts, source=str(path))
-        zero, offloads = st.zero_settings(cfg), ds.offloads(cfg)
+    """(ZeRO settings, refusal) from the profile's DeepSpeed JSON rendered as the run renders it
+    (`trainer.memory.deepspeed.config_for`, for one process) and the run's combination check
+    (`trainer.memory.profiles.check_deepspeed`)."""
+    # total steps only fill a JSON scheduler's "auto"; the NVMe path a placeholder when unset (nothing is swapped)
+    cfg = ds.config_for(exp, profile, precision, PLAN_WORLD_SIZE, exp.run.max_steps or 1000,
+                        nvme_path=exp.memory.nvme_path or "/nvme")
+    zero = st.zero_settings(cfg) if cfg is not None else None
     try:
-        check_combination(profile, zero.stage if zero else 0, offloads)
+        check_deepspeed(profile, cfg)
     except ConfigError as e:
         return zero, "; ".join(e.issues)
     return zero, None
@@ -180,11 +159,11 @@ def _states(c: st.Counts, profile: Profile, zero: st.ZeroSettings | None, p: int
 
 
 def estimate(exp: Experiment, profile: Profile, budget: Budget, m: Measurer, exhaustive: bool = False) -> Estimate:
-    precision = precision_for(exp, profile, budget.device)
+    precision = precision_for(exp, profile, on_gpu=budget.device == "cuda")
     est = Estimate(profile.name, precision)
     zero, refusal = _zero(exp, profile, precision)
-    if refusal is None and m.model_name is not None and adapts_backbone(profile):
-        refusal = no_backbone_problem(profile, m.model_name)  # the run's own refusal (trainer.train.terratorch_run)
+    if refusal is None:
+        refusal = no_backbone_refusal(profile, m.model_name)  # the run's own refusal (trainer.train.terratorch_run)
     if refusal:
         est.refused = f"refused: {refusal}"
         est.why_not.append(est.refused)

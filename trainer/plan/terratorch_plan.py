@@ -108,7 +108,7 @@ def plan_inputs(exp: Experiment, built, train_ds, batch_size: int) -> dict[str, 
 
     return {"builders": Builders(full_model=full_model, around=around, backbone_path=T.backbone_path),
             "shape": batch_shape(built, train_ds, batch_size), "label": label(exp, model),
-            "no_backbone": None if T.backbone_path(model) else type(model).__name__,
+            "no_backbone": T.missing_backbone(model),
             "loads_checkpoint": loads_pretrained(exp)}
 
 

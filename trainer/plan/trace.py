@@ -46,11 +46,6 @@ class StepTrace:
     flops: int
     outputs: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype) of each tensor forward returned
 
-    @property
-    def dynamic_peak(self) -> int:
-        """What a step adds on top of the model states held before it (grads, activations, temporaries)."""
-        return self.peak["grads"] + self.peak["activations"] + self.peak["temporaries"]
-
 
 class StepTracker(MemTracker):
     """MemTracker with these changes for the planner (checked against the stock class on small models):

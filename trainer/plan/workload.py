@@ -133,8 +133,8 @@ def inference_mode(precision: str) -> TraceMode:
 
 
 def uses_deepspeed_cast(profile: Profile) -> bool:
-    # trainer.train.run casts the whole model to bf16 when DeepSpeed runs in bf16; without DeepSpeed Accelerate
-    # keeps fp32 weights and autocasts.
+    # under DeepSpeed the run holds the model in the compute dtype (trainer.train.job.deepspeed_bf16); without it
+    # Accelerate keeps fp32 weights and autocasts.
     return profile.deepspeed is not None
 
 
@@ -283,14 +283,6 @@ def count_params(model: nn.Module, lora_targets: list[str] | None, rank: int | N
         small_params={str(k): v for k, v in sorted(small.items())},
         lora=lora,
     )
-
-
-def lora_targets_for(model: nn.Module, profile: Profile) -> list[str] | None:
-    if profile.lora is None:
-        return None
-    from trainer.model.fitting import lora_targets  # the run's rule for which modules get adapters
-
-    return lora_targets(model, profile)
 
 
 # --- traced steps --------------------------------------------------------------------------------------

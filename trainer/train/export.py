@@ -38,6 +38,22 @@ from trainer.memory.profiles import Profile
 log = logging.getLogger(__name__)
 
 
+def backbone_name(exp: Experiment) -> str:
+    """The backbone an export (and a prediction's GeoTIFF tags) names: the native schema's `model.backbone`, a
+    `terratorch fit` file's `model_args.backbone` (else "terratorch")."""
+    if exp.terratorch is None:
+        return exp.model.backbone
+    init = exp.terratorch.config["model"].get("init_args") or {}
+    return str((init.get("model_args") or {}).get("backbone", "terratorch"))
+
+
+def export_metadata(exp: Experiment, profile: str | None, step: int | None) -> dict[str, Any]:
+    """The metadata written into an export's safetensors files: at the end of a run, by `terrascale export` and
+    into the merged model. `profile` and `step` are the job's, the ones export.json records (which `read_manifest`
+    reads); the safetensors metadata itself is read back only to compare two exports (trainer.bench.bench_chaos)."""
+    return {"backbone": backbone_name(exp), "step": step, "task": exp.task.name, "profile": profile}
+
+
 def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, Any] | None = None) -> Path:
     from safetensors.torch import save_file
 

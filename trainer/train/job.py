@@ -1,6 +1,8 @@
 """A job made ready to train (`Job`) and the pieces both formats' set-up share (`trainer.train.run.setup` for
-native experiments, `trainer.train.terratorch_run.setup` for `terratorch fit` files): the precision, the rendered
-DeepSpeed config, where the checkpoint is loaded, the Accelerator, the `auto` profile choice announced.
+native experiments, `trainer.train.terratorch_run.setup` for `terratorch fit` files): where the checkpoint is
+loaded, the Accelerator, the `auto` profile choice announced. The profile, its precision, its rendered DeepSpeed
+config and the checks that it fits come from `trainer.memory` (`profiles.profile_for`, `profiles.precision_for`,
+`deepspeed.config_for`, `profiles.check_deepspeed`), the functions the planner applies too.
 """
 from __future__ import annotations
 
@@ -23,24 +25,11 @@ log = logging.getLogger("terrascale")
 COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_precision(exp: Experiment, profile: Profile, has_cuda: bool) -> str:
-    if exp.run.precision != "auto":
-        return exp.run.precision
-    # bf16 on this class of CPU is ~10x slower than fp32: CPU runs default to fp32.
-    return profile.dtype if has_cuda else "fp32"
-
-
-def ds_config_for(exp: Experiment, profile: Profile, precision: str, world_size: int, total: int) -> dict | None:
-    name = profile.deepspeed
-    if name is None:
-        return None
-    raw, path = ds.load_json(name)
-    facts = ds.DSFacts(micro_batch=exp.data.batch_size, grad_accum=exp.run.grad_accum, world_size=world_size,
-                       grad_clip=exp.run.grad_clip, precision=precision, lr=exp.optim.lr,
-                       weight_decay=exp.optim.weight_decay, betas=tuple(exp.optim.betas),
-                       warmup_steps=exp.scheduler.warmup_steps, total_steps=total,
-                       nvme_path=exp.memory.nvme_path)
-    return ds.render(raw, facts, source=str(path))
+def deepspeed_bf16(ds_config: dict | None, precision: str) -> bool:
+    """The whole model (and so its inputs) is cast to bf16: DeepSpeed in bf16 does not cast fp32 buffers (Prithvi's
+    pos_embed). Without DeepSpeed, Accelerate keeps fp32 weights and autocasts (the planner traces the same:
+    trainer.plan.workload.uses_deepspeed_cast)."""
+    return ds_config is not None and precision == "bf16"
 
 
 def load_spec(exp: Experiment, profile: Profile, precision: str, zero_stage: int, has_cuda: bool):
@@ -117,7 +106,7 @@ class Job:
 
     @property
     def input_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if (self.ds_config is not None and self.precision == "bf16") else torch.float32
+        return torch.bfloat16 if deepspeed_bf16(self.ds_config, self.precision) else torch.float32
 
 
 def agree_on_auto(accelerator, name: str) -> None:

@@ -13,12 +13,11 @@ from trainer.train.checkpoint import (Progress, StopRequest, drop_frozen_weights
 from trainer.config import Experiment, dump_experiment
 from trainer.errors import ConfigError
 from trainer.memory import deepspeed as ds
-from trainer.memory.profiles import Profile, check_combination, resolve_profile
-from trainer.train.export import export_job
+from trainer.memory.profiles import check_deepspeed, precision_for, profile_for
+from trainer.train.export import backbone_name, export_job, export_metadata  # noqa: F401  (backbone_name: predict's)
 from trainer.train.report import MetricsLog, plot_curves
 from trainer.train.trackers import hparams, init_kwargs, select_trackers
-from trainer.train.job import (COMPUTE_DTYPE, Job, announce_auto, ds_config_for, load_spec, make_accelerator,
-                               resolve_precision)
+from trainer.train.job import COMPUTE_DTYPE, Job, announce_auto, deepspeed_bf16, load_spec, make_accelerator
 from trainer.train.universal import load_universal, needs_universal, with_load_universal
 
 log = logging.getLogger("terrascale")
@@ -110,14 +109,14 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False) -> J
 
         return terratorch_setup(exp, universal=universal, resuming=resuming)
     from trainer.model.terratorch_task import TaskMetrics, TaskSteps
-    from trainer.runtime import cuda_available, prepare_environment
+    from trainer.runtime import cuda_available, prepare_environment, world_size
 
     exp, auto_choice = resolve_auto(exp, resuming)
-    profile = resolve_profile(exp.memory)
+    profile = profile_for(exp, exp.memory.profile)
     prepare_environment(deepspeed=profile.deepspeed is not None)
     has_cuda = cuda_available()
-    precision = resolve_precision(exp, profile, has_cuda)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    precision = precision_for(exp, profile, on_gpu=has_cuda)
+    world = world_size()
     # The accelerator needs the rendered DeepSpeed config, whose scheduler may need the total steps, which need the
     # dataset length: datasets come first (cheap: file lists; generation is atomic across ranks).
     train_ds, val_ds, per_epoch, total = _datasets(exp, world)
@@ -158,11 +157,11 @@ def _datasets(exp: Experiment, world: int):
 
 def _deepspeed(exp: Experiment, profile, precision: str, world: int, total: int, universal: bool):
     """(the rendered DeepSpeed config or None, its ZeRO stage), the profile's combination rules checked."""
-    ds_config = ds_config_for(exp, profile, precision, world, total)
+    ds_config = ds.config_for(exp, profile, precision, world, total)
     if universal:  # resuming a ZeRO checkpoint written by another number of processes
         ds_config = with_load_universal(ds_config)
     stage = ds.zero_stage(ds_config) if ds_config else 0
-    check_combination(profile, stage, ds.offloads(ds_config) if ds_config else {})
+    check_deepspeed(profile, ds_config)
     if ds_config is not None and (problem := ds.nvme_problem(ds_config)):
         raise ConfigError([problem])
     return ds_config, stage
@@ -191,8 +190,8 @@ def _model(exp: Experiment, profile, precision: str, stage: int, has_cuda: bool,
     set_seed(exp.run.seed)
     task = build_task(exp, load_spec(exp, profile, precision, stage, has_cuda))  # model, criterion, metrics
     model = task.model = apply_profile(task.model, profile, COMPUTE_DTYPE[precision], stage)
-    if ds_config is not None and precision == "bf16":
-        model = model.to(torch.bfloat16)  # DeepSpeed does not cast fp32 buffers (Prithvi pos_embed)
+    if deepspeed_bf16(ds_config, precision):
+        model = model.to(torch.bfloat16)
     return task, model
 
 
@@ -235,6 +234,7 @@ def loop_parts(job: Job, on_log, on_checkpoint, stop: StopRequest):
 
 def main(exp: Experiment, stop: StopRequest | None = None) -> int:
     """`stop`: a StopRequest installed as early as possible by the caller (signals during start-up); else here."""
+    from trainer.runtime import world_size
     from trainer.train.joblock import acquire
     from trainer.train.loop import train
 
@@ -242,7 +242,7 @@ def main(exp: Experiment, stop: StopRequest | None = None) -> int:
     job_dir = exp.job_dir
     lock = acquire(job_dir)  # before anything reads or writes the job dir; the global rank 0 only
     resume_from = find_resume(job_dir, exp.checkpoint.resume)
-    universal = needs_universal(resume_from, int(os.environ.get("WORLD_SIZE", "1")))
+    universal = needs_universal(resume_from, world_size())
     job = setup(exp, universal=universal, resuming=resume_from is not None)
     exp = job.exp  # memory.profile auto resolved
     accelerator = job.accelerator
@@ -291,21 +291,13 @@ def main(exp: Experiment, stop: StopRequest | None = None) -> int:
                     progress.step)
     elif exp.checkpoint.export:
         out = export_job(accelerator, job.model, exp, job.profile, job.zero_stage, job_dir / "export",
-                         {"backbone": backbone_name(exp), "step": progress.step, "task": exp.task.name,
-                          "profile": job.profile.name})
+                         export_metadata(exp, job.profile.name, progress.step))
         if out:
             log.info("exported weights to %s (%s)", out, ", ".join(sorted(p.name for p in out.iterdir())))
     shutdown_job(accelerator)
     if lock is not None:
         lock.release()
     return 0
-
-
-def backbone_name(exp: Experiment) -> str:
-    if exp.terratorch is None:
-        return exp.model.backbone
-    init = exp.terratorch.config["model"].get("init_args") or {}
-    return str((init.get("model_args") or {}).get("backbone", "terratorch"))
 
 
 def write_load_report(job_dir: Path, model) -> None:

@@ -4,7 +4,6 @@ Accelerate/DeepSpeed, the loop and the job dir are terrascale's."""
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -27,11 +26,11 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     from accelerate.utils import set_seed
 
     from trainer.memory import deepspeed as ds
-    from trainer.memory.profiles import adapts_backbone, check_combination, no_backbone_problem, resolve_profile
+    from trainer.memory.profiles import check_deepspeed, no_backbone_refusal, precision_for, profile_for
     from trainer.model import terratorch_task as T
     from trainer.model.fitting import apply_profile
     from trainer.plan.terratorch_plan import resolve_auto
-    from trainer.runtime import cuda_available, prepare_environment, setup_logging
+    from trainer.runtime import cuda_available, prepare_environment, setup_logging, world_size
     from trainer.train import job as J
     from trainer.train.checkpoint import drop_frozen_weights, has_frozen_parameters
     from trainer.train.loop import EpochSampler, steps_per_epoch, total_steps
@@ -40,9 +39,9 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     _refuse(exp)
     spec = exp.terratorch
     named = exp.memory.profile != "auto"  # auto: the planner chooses once the task and its data are built
-    prepare_environment(deepspeed=named and resolve_profile(exp.memory).deepspeed is not None)
+    prepare_environment(deepspeed=named and profile_for(exp, exp.memory.profile).deepspeed is not None)
     has_cuda = cuda_available()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
 
     built = T.instantiate(spec, exp.run.seed)  # seeded as `terratorch fit` seeds it: the same initial weights
     train_ds, val_ds = T.datasets(built, exp.run.seed)
@@ -57,21 +56,21 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
                            f"batch_size {batch_size} x trainer.accumulate_grad_batches {exp.run.grad_accum} x "
                            f"{world} process(es)); add samples or lower the batch size"], source=spec.source)
     exp, auto_choice = resolve_auto(exp, built, train_ds, batch_size, resuming)
-    profile = resolve_profile(exp.memory)
+    profile = profile_for(exp, exp.memory.profile)
     prepare_environment(deepspeed=profile.deepspeed is not None)  # a no-op unless auto chose a DeepSpeed profile
-    precision = J.resolve_precision(exp, profile, has_cuda)
+    precision = precision_for(exp, profile, on_gpu=has_cuda)
     if spec.eval_every_epochs is not None:  # trainer.check_val_every_n_epoch: validate at epoch ends
         every = spec.eval_every_epochs * per_epoch
         exp = exp.model_copy(update={"run": exp.run.model_copy(update={"eval_every": every})})
     total = total_steps(exp.run, per_epoch)
-    ds_config = J.ds_config_for(exp, profile, precision, world, total)
+    ds_config = ds.config_for(exp, profile, precision, world, total)
     if ds_config is not None and ("optimizer" in ds_config or "scheduler" in ds_config):
         raise ConfigError(["memory.deepspeed: the DeepSpeed JSON names its own optimizer/scheduler; a terratorch "
                            "file's optimizer and lr_scheduler blocks are used instead: remove them from the JSON"])
     if universal:
         ds_config = with_load_universal(ds_config)
     stage = ds.zero_stage(ds_config) if ds_config else 0
-    check_combination(profile, stage, ds.offloads(ds_config) if ds_config else {})
+    check_deepspeed(profile, ds_config)
     accelerator = J.make_accelerator(exp, ds_config, precision)
     setup_logging(accelerator.is_main_process)
     if auto_choice is not None:
@@ -84,11 +83,11 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     set_seed(exp.run.seed)
     model = built.task.model
     path = T.backbone_path(model)
-    if path is None and adapts_backbone(profile):
-        raise ConfigError([no_backbone_problem(profile, type(model).__name__)], source=spec.source)
+    if problem := no_backbone_refusal(profile, T.missing_backbone(model)):
+        raise ConfigError([problem], source=spec.source)
     model = apply_profile(model, profile, J.COMPUTE_DTYPE[precision], stage, encoder_path=path or "encoder")
     built.task.model = model
-    if ds_config is not None and precision == "bf16":
+    if J.deepspeed_bf16(ds_config, precision):
         model = model.to(torch.bfloat16)
     optimizer, sched_configs = T.task_optimizer(built.task, spec.source)
     scheduler = T.LightningSchedule(sched_configs, per_epoch)
