@@ -185,3 +185,12 @@ def test_primary_metrics_are_what_sweeps_lead_with():
 def test_a_wrong_kind_is_caught(name, wrong, built):
     exp, task = built[name]
     assert mismatches(dataclasses.replace(TASK_KINDS[name], **wrong), exp, task) != []
+
+
+def test_terratorch_file_tasks_agree_with_the_kinds():
+    # trainer.terratorch_compat cannot import trainer.config (config imports it): its table is checked here
+    from trainer.terratorch_compat import TERRATORCH_TASKS
+
+    assert all(TASK_KINDS[name].terratorch_task == cls for cls, name in TERRATORCH_TASKS.items())
+    assert set(TERRATORCH_TASKS) == {k.terratorch_task for k in TASK_KINDS.values()}
+    assert all(not TASK_KINDS[name].temporal for name in TERRATORCH_TASKS.values())
