@@ -6,6 +6,7 @@ dotted key and the fix; an unknown key suggests the nearest valid one.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +55,70 @@ REGRESSION_LOSSES = ("mse", "rmse", "mae", "huber")
 LOSS_ALIASES: dict[str, str | list[str]] = {"ce_dice": ["ce", "dice"], "l1": "mae"}
 
 
+@dataclass(frozen=True)
+class TaskKind:
+    """What a native `task.name` means, in one place: `TaskConfig.kind` (the code asks it, not the name).
+
+    Names only (no TerraTorch import here): trainer.model.tasks resolves the classes (`task_class`,
+    `terratorch_task_class`), trainer.model.registry the factory; tests/unit/test_task_kind.py checks every
+    name against TerraTorch."""
+
+    name: str  # the config value `task.name`, and the `task` field written into exports and GeoTIFF tags
+    terratorch_task: str  # TerraTorch's task class (terratorch.tasks) that terrascale's `task_class` extends
+    task_class: str  # terrascale's subclass of it (trainer.model.tasks) a native experiment trains
+    factory: str  # TerraTorch's model factory (MODEL_FACTORY_REGISTRY) the task builds its model with
+    factory_task: str  # the `task` that factory's build_model takes
+    head: str  # TerraTorch's head class (terratorch.models.heads) the factory ends the model in
+    temporal: bool  # a sample holds several co-registered dates (task.num_dates; trainer.model.temporal)
+    output: Literal["classes", "continuous"]  # per pixel: task.num_classes logits, or one continuous value
+    postprocess: Literal["softmax", "none"]  # applied to the model's output at predict time
+    losses: tuple[str, ...]  # TerraTorch's loss names for its task
+    default_loss: str  # TerraTorch's own default `loss` of its task
+    primary_metric: str  # the validation metric curves and sweep summaries lead with (as TerraTorch logs it)
+    label_dtype: str  # numpy dtype of a label as a dataset yields it; invalid pixels: `label_fill`
+
+    @property
+    def classes(self) -> bool:
+        return self.output == "classes"
+
+    @property
+    def continuous(self) -> bool:
+        return self.output == "continuous"
+
+    def out_channels(self, num_classes: int) -> int:
+        """Channels of the model's per-pixel output: one logit per class, or the one continuous value."""
+        return num_classes if self.classes else 1
+
+    def label_fill(self, ignore_index: int) -> int | float:
+        """What an invalid label pixel holds in a sample: task.ignore_index (classes) or NaN (continuous)."""
+        return ignore_index if self.classes else float("nan")
+
+    def scores(self, out):
+        """The model's output [N, K, H, W] (classes) or [N, H, W] (continuous) as predict blends it, [N, K, H, W]:
+        class probabilities (softmax over the class axis), or the value with a channel axis of 1."""
+        if self.postprocess == "softmax":
+            return out.softmax(dim=1)
+        return out[:, None] if out.dim() == 3 else out
+
+
+SEGMENTATION = TaskKind(
+    name="segmentation", terratorch_task="SemanticSegmentationTask", task_class="SegmentationTask",
+    factory="EncoderDecoderFactory", factory_task="segmentation", head="SegmentationHead", temporal=False,
+    output="classes", postprocess="softmax", losses=CLASSIFICATION_LOSSES, default_loss="ce", primary_metric="mIoU",
+    label_dtype="int64")
+REGRESSION = TaskKind(
+    name="regression", terratorch_task="PixelwiseRegressionTask", task_class="CoherenceRegressionTask",
+    factory="EncoderDecoderFactory", factory_task="regression", head="RegressionHead", temporal=False,
+    output="continuous", postprocess="none", losses=REGRESSION_LOSSES, default_loss="mse", primary_metric="RMSE",
+    label_dtype="float32")
+CHANGE_DETECTION = TaskKind(
+    name="change_detection", terratorch_task="SemanticSegmentationTask", task_class="ChangeDetectionTask",
+    factory="TemporalEncoderDecoderFactory", factory_task="segmentation", head="SegmentationHead", temporal=True,
+    output="classes", postprocess="softmax", losses=CLASSIFICATION_LOSSES, default_loss="ce",
+    primary_metric="F1_Score", label_dtype="int64")
+# every native task, by `task.name` (the order of TaskConfig.name's Literal)
+TASK_KINDS: dict[str, TaskKind] = {k.name: k for k in (SEGMENTATION, REGRESSION, CHANGE_DETECTION)}
+
 def loss_names(loss: str | list[str] | dict[str, float]) -> list[str]:
     """The loss names a `task.loss` value names (a name, a list or a {name: weight} dict), aliases resolved."""
     names: list[str] = []
@@ -69,14 +134,18 @@ class TaskConfig(_Closed):
     # TerraTorch's losses crash on ignore_index=None: keep an integer that never occurs as a class.
     ignore_index: int = -1
     # a TerraTorch loss name, a list of them (summed) or a {name: weight} dict (weighted sum); default: TerraTorch's
-    # own per task, ce (segmentation, change detection) or mse (regression)
-    loss: str | list[str] | dict[str, float] = "ce"
+    # own per task (TaskKind.default_loss), ce (segmentation, change detection) or mse (regression)
+    loss: str | list[str] | dict[str, float] = SEGMENTATION.default_loss
 
     @model_validator(mode="before")
     @classmethod
     def _default_loss_per_task(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("loss") is None and data.get("name") == "regression":
-            data = {**data, "loss": "mse"}
+        # the field's default is the classification tasks' ce; a task with another default gets it here (for an
+        # explicit `loss: null` too)
+        name = data.get("name") if isinstance(data, dict) else None
+        kind = TASK_KINDS.get(name) if isinstance(name, str) else None
+        if kind is not None and data.get("loss") is None and kind.default_loss != SEGMENTATION.default_loss:
+            data = {**data, "loss": kind.default_loss}
         return data
     class_weights: list[float] | None = None
     # change_detection only (trainer/model/temporal.py); None = the default: diff fusion over 2 dates
@@ -94,27 +163,27 @@ class TaskConfig(_Closed):
 
     @model_validator(mode="after")
     def _loss_fits_task(self) -> "TaskConfig":
-        regression = self.name == "regression"
-        allowed = REGRESSION_LOSSES if regression else CLASSIFICATION_LOSSES
-        other = CLASSIFICATION_LOSSES if regression else REGRESSION_LOSSES
+        kind = self.kind
+        allowed = kind.losses
+        other = {n for k in TASK_KINDS.values() if k.output != kind.output for n in k.losses}
         names = loss_names(self.loss)
         problems = []
         if not names:
             problems.append("task.loss is empty: name one loss, e.g. " + allowed[0])
         for name in names:
             if name not in allowed:
-                kind = ("a classification loss" if regression else "a regression loss") if name in other else \
+                what = ("a classification loss" if kind.continuous else "a regression loss") if name in other else \
                     "not a TerraTorch loss"
-                problems.append(f"task.loss: {name!r} is {kind} for task.name={self.name}: use one of "
+                problems.append(f"task.loss: {name!r} is {what} for task.name={self.name}: use one of "
                                 f"{', '.join(allowed)}, a list of them or a {{name: weight}} dict")
-        if not regression and self.class_weights is not None and "ce" not in names:
+        if kind.classes and self.class_weights is not None and "ce" not in names:
             problems.append(f"task.class_weights weigh the cross-entropy term, but task.loss={self.loss!r} has none "
                             "(TerraTorch's dice/focal/jaccard/lovasz take no class weights): add ce or drop the "
                             "weights")
         if "huber" in names and not (isinstance(self.loss, str) and names == ["huber"]):
             problems.append("task.loss: huber alone has terrascale's delta of 0.1; in a list or dict TerraTorch's "
                             "would use torch's 1.0 (half the MSE on [0, 1] targets): use huber alone, or mse/mae")
-        if regression and "rmse" in names:
+        if kind.continuous and "rmse" in names:
             problems.append("task.loss: TerraTorch 1.2.11's rmse loss is the fourth root of the MSE (its "
                             "RootLossWrapper is applied twice); use mse (the same minimum) in a native config")
         if "jaccard" in names:
@@ -127,7 +196,7 @@ class TaskConfig(_Closed):
     @model_validator(mode="after")
     def _classes_need_two(self) -> "TaskConfig":
         # one class makes every pixel right: the loss is 0 from step 1 and nothing is learned
-        if self.name != "regression" and self.num_classes < 2:
+        if self.kind.classes and self.num_classes < 2:
             raise ValueError(f"task.num_classes is {self.num_classes} but {self.name} needs at least 2 classes "
                              "(e.g. 0 background, 1 target); for one continuous target use task.name=regression")
         return self
@@ -135,15 +204,20 @@ class TaskConfig(_Closed):
     @model_validator(mode="after")
     def _dates_only_for_change_detection(self) -> "TaskConfig":
         given = [k for k in ("fusion", "num_dates") if getattr(self, k) is not None]
-        if given and self.name != "change_detection":
+        if given and not self.kind.temporal:
             raise ValueError(f"{' and '.join('task.' + k for k in given)} only apply to task.name=change_detection "
                              f"(this task is {self.name}): remove them")
         return self
 
     @property
+    def kind(self) -> TaskKind:
+        """What this task is (TerraTorch task and factory, output, losses, primary metric): TASK_KINDS[name]."""
+        return TASK_KINDS[self.name]
+
+    @property
     def dates(self) -> int:
         """How many co-registered dates one sample holds: 1, or task.num_dates (default 2) for change detection."""
-        return (self.num_dates or 2) if self.name == "change_detection" else 1
+        return (self.num_dates or 2) if self.kind.temporal else 1
 
     @property
     def date_fusion(self) -> str:

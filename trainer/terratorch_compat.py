@@ -21,8 +21,9 @@ from trainer.errors import ConfigError
 log = logging.getLogger(__name__)
 
 LIGHTNING_SECTIONS = ("model", "data", "optimizer", "lr_scheduler")
-# The tasks whose training_step is a pixel-wise loss on batch["image"] -> batch["mask"] (the loop's shape).
-TASK_KINDS = {"SemanticSegmentationTask": "segmentation", "PixelwiseRegressionTask": "regression"}
+# The tasks whose training_step is a pixel-wise loss on batch["image"] -> batch["mask"] (the loop's shape), and
+# the native task.name each becomes (trainer.config.TaskKind.terratorch_task; not imported: config imports this).
+TERRATORCH_TASKS = {"SemanticSegmentationTask": "segmentation", "PixelwiseRegressionTask": "regression"}
 _PRECISION = {"32": "fp32", "32-true": "fp32", "bf16": "bf16", "bf16-mixed": "bf16", "bf16-true": "bf16",
               "16": "fp16", "16-mixed": "fp16"}
 # Lightning trainer keys whose job Accelerate/DeepSpeed/terrascale do instead: noted, not applied.
@@ -72,10 +73,10 @@ def from_lightning_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
     spec: dict[str, Any] = {"config": {k: raw[k] for k in LIGHTNING_SECTIONS if raw.get(k) is not None},
                             "source": source}
     task_name = short_name(raw["model"].get("class_path", ""))
-    kind = TASK_KINDS.get(task_name)
+    kind = TERRATORCH_TASKS.get(task_name)
     if kind is None:
         problems.append(f"model.class_path: {raw['model'].get('class_path')!r}: terrascale's loop trains pixel-wise "
-                        f"tasks; use one of {', '.join('terratorch.tasks.' + t for t in TASK_KINDS)}")
+                        f"tasks; use one of {', '.join('terratorch.tasks.' + t for t in TERRATORCH_TASKS)}")
     else:
         out["task"]["name"] = kind
     init = raw["model"].get("init_args") or {}

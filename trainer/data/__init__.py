@@ -151,7 +151,7 @@ class TerraTorchSamples(Dataset):
                 torch.manual_seed(seed)
                 batch = self.aug(batch)
         image, mask = batch["image"][0].float(), batch["mask"][0]
-        if self.task.name == "change_detection":
+        if self.task.kind.temporal:
             if image.dim() != 4:
                 raise DataError(f"change detection needs images with a time axis but {sample.get('filename')} gives "
                                 f"shape {tuple(image.shape)}: set expand_temporal_dimension: true (and dataset_bands) "
@@ -160,7 +160,7 @@ class TerraTorchSamples(Dataset):
         # TerraTorch reads nodata as NaN (rioxarray masked=True) unless no_data_replace is set.
         bad = torch.isnan(image).flatten(0, -3).any(0)
         image = image.masked_fill(bad, 0.0)
-        if self.task.name == "regression":
+        if self.task.kind.continuous:
             # TerraTorch regression configs mark invalid targets with no_label_replace (= the task's
             # ignore_index); our format marks them NaN.
             mask = mask.float()

@@ -98,7 +98,7 @@ def wrong_values(label: np.ndarray, invalid: np.ndarray, task: TaskConfig) -> np
     """Label pixels (not `invalid`) the task cannot train on. Regression: outside [0, 1], which the model's
     sigmoid-bounded output (e.g. coherence stored as 0-255) could never reach, so training would fail silently.
     Classes: not an integer in [0, num_classes) and not task.ignore_index."""
-    if task.name == "regression":
+    if task.kind.continuous:
         return ~invalid & ((label < 0) | (label > 1))
     check = ~invalid & (label != task.ignore_index)
     return check & ((label < 0) | (label >= task.num_classes) | (label != np.round(label)))
@@ -106,7 +106,7 @@ def wrong_values(label: np.ndarray, invalid: np.ndarray, task: TaskConfig) -> np
 
 def label_range_error(path: str, values: Sequence[float], task: TaskConfig) -> DataError:
     """Label values a task cannot train on: one message wherever they are found (before step 1 or at read)."""
-    if task.name == "regression":
+    if task.kind.continuous:
         return DataError(f"regression label tile {path} has values {list(values)[:5]} outside [0, 1]: coherence "
                          "targets must be in [0, 1] (rescale the product, or tag invalid values as the file's nodata)")
     k, ignore = task.num_classes, task.ignore_index
@@ -219,7 +219,7 @@ class GeoTiffDataset(Dataset):
             raise DataError("no samples given to GeoTiffDataset: check the data.*_images globs")
         self.samples = list(samples)
         self.task = task
-        self.temporal = task.name == "change_detection"
+        self.temporal = task.kind.temporal
         self.nodata = nodata
         self.flips = flips and train
         self.train = train
@@ -295,9 +295,8 @@ class GeoTiffDataset(Dataset):
         wrong = wrong_values(label, bad, self.task)
         if wrong.any():
             raise label_range_error(path, np.unique(label[wrong]).tolist(), self.task)
-        if self.task.name == "regression":
-            return np.where(bad, np.float32("nan"), label).astype("float32")
-        return np.where(bad, self.task.ignore_index, label).astype("int64")
+        kind = self.task.kind
+        return np.where(bad, kind.label_fill(self.task.ignore_index), label).astype(kind.label_dtype)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]

@@ -25,6 +25,7 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
+from trainer.config import TASK_KINDS, TaskKind
 from trainer.data.stats import compute_stats, write_stats
 from trainer.errors import DataError
 
@@ -132,7 +133,12 @@ def _regression(rng, size, num_bands):
     return {"": image}, target[None]
 
 
-_MAKERS = {"segmentation": _segmentation, "change_detection": _change, "regression": _regression}
+def _scene(kind: TaskKind, rng, size: int, num_bands: int, num_dates: int):
+    """({file suffix: image}, label) of one tile: dates of a clearing (temporal), an InSAR coherence scene
+    (continuous target), a forest disturbance scene (classes)."""
+    if kind.temporal:
+        return _change(rng, size, num_bands, num_dates)
+    return (_regression if kind.continuous else _segmentation)(rng, size, num_bands)
 
 
 def _write(path: Path, data: np.ndarray, transform, crs: CRS, nodata, descriptions=None, scale=None) -> None:
@@ -146,12 +152,12 @@ def _write(path: Path, data: np.ndarray, transform, crs: CRS, nodata, descriptio
             dst.scales = (scale,) * data.shape[0]
 
 
-def _write_split(task: str, out: Path, split: str, n: int, size: int, num_bands: int, rng, origin,
+def _write_split(kind: TaskKind, out: Path, split: str, n: int, size: int, num_bands: int, rng, origin,
                  num_dates: int) -> list[Path]:
     (out / split / "images").mkdir(parents=True)
     (out / split / "labels").mkdir(parents=True)
     crs = CRS.from_string(CRS_UTM50N)
-    if task == "regression":
+    if kind.continuous:  # Sentinel-1 backscatter, a coherence target NaN where invalid
         names = [f"{p}_{d}" for d in range((num_bands + 1) // 2) for p in ("VV", "VH")][:num_bands]
         img_nodata, label_nodata, scale = S1_NODATA, float("nan"), None
     else:
@@ -162,8 +168,7 @@ def _write_split(task: str, out: Path, split: str, n: int, size: int, num_bands:
         row, col = divmod(i, GRID_COLS)
         # North-up: x grows east, y shrinks south.
         transform = Affine(PIXEL_M, 0.0, origin[0] + col * size * PIXEL_M, 0.0, -PIXEL_M, origin[1] - row * size * PIXEL_M)
-        dates, label = (_change(rng, size, num_bands, num_dates) if task == "change_detection"
-                        else _MAKERS[task](rng, size, num_bands))
+        dates, label = _scene(kind, rng, size, num_bands, num_dates)
         tile = f"tile_{i:04d}"
         for suffix, data in dates.items():
             path = out / split / "images" / f"{tile}{suffix}.tif"
@@ -184,21 +189,22 @@ def generate_synthetic(task: str, root: str | Path, n_train: int = 64, n_val: in
     When two processes race, the first rename wins and the loser discards its copy and uses the winner's
     (same seed, same bytes). Returns `root`.
     """
-    if task not in _MAKERS:
-        raise DataError(f"no synthetic generator for task {task!r}: use one of {sorted(_MAKERS)}")
+    if task not in TASK_KINDS:
+        raise DataError(f"no synthetic generator for task {task!r}: use one of {sorted(TASK_KINDS)}")
+    kind = TASK_KINDS[task]
     root = Path(root)
     params = {"task": task, "n_train": n_train, "n_val": n_val, "tile_size": tile_size, "num_bands": num_bands,
               "seed": seed}
-    if task == "change_detection" and num_dates != 2:  # absent for two dates: folders made before stay valid
+    if kind.temporal and num_dates != 2:  # absent for two dates: folders made before stay valid
         params["num_dates"] = num_dates
     if not _has_tiles(root):
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = root.parent / f".{root.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         try:
             rng = np.random.default_rng(seed)
-            train = _write_split(task, tmp, "train", n_train, tile_size, num_bands, rng, TRAIN_ORIGIN, num_dates)
+            train = _write_split(kind, tmp, "train", n_train, tile_size, num_bands, rng, TRAIN_ORIGIN, num_dates)
             val_origin = (TRAIN_ORIGIN[0] + (GRID_COLS * tile_size + 100) * PIXEL_M, TRAIN_ORIGIN[1])
-            _write_split(task, tmp, "val", n_val, tile_size, num_bands, rng, val_origin, num_dates)
+            _write_split(kind, tmp, "val", n_val, tile_size, num_bands, rng, val_origin, num_dates)
             write_stats(tmp / "stats.json", compute_stats(train))
             (tmp / "synthetic.json").write_text(json.dumps(params, indent=2))
             try:

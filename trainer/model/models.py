@@ -13,7 +13,7 @@ from torch import nn
 
 from trainer.config import Experiment
 from trainer.errors import ConfigError
-from trainer.model.registry import FACTORY_TASK, factory_kwargs, register_ours  # noqa: F401  (public here)
+from trainer.model.registry import factory_kwargs, register_ours  # noqa: F401  (public here)
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,6 @@ from typing import Any
 
 from trainer.config import Experiment
 
-# TerraTorch's factory task name for each of our tasks.
-FACTORY_TASK = {"segmentation": "segmentation", "change_detection": "segmentation", "regression": "regression"}
-
 
 def register_ours() -> set[str]:
     """Register terrascale's backbones and model factories into TerraTorch's registries; returns the backbones."""
@@ -35,7 +32,7 @@ def factory_kwargs(exp: Experiment, ours: set[str]) -> dict[str, Any]:
     kwargs.update({f"decoder_{k}": v for k, v in m.decoder_kwargs.items()})
     kwargs.update({f"head_{k}": v for k, v in m.head_kwargs.items()})
     task = exp.task
-    if task.name == "regression":
+    if task.kind.continuous:
         kwargs["num_outputs"] = 1
         # coherence lives in [0, 1]: the head ends in a sigmoid (a user's head_kwargs.final_act wins)
         kwargs.setdefault("head_final_act", "torch.nn.Sigmoid")

@@ -29,14 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainer.config import Experiment, TaskConfig, loss_names
+from trainer.config import REGRESSION, SEGMENTATION, Experiment, TaskConfig, TaskKind, loss_names
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 HUBER_DELTA = 0.1
-FACTORY = {"segmentation": "EncoderDecoderFactory", "regression": "EncoderDecoderFactory",
-           "change_detection": "TemporalEncoderDecoderFactory"}
 
 
 def terratorch_loss(task: TaskConfig) -> tuple[Any, dict]:
@@ -48,7 +46,7 @@ def terratorch_loss(task: TaskConfig) -> tuple[Any, dict]:
     else:
         names = loss_names(task.loss)
         loss = names[0] if isinstance(task.loss, str) and len(names) == 1 else names
-    if task.name == "regression" and loss == "huber":
+    if task.kind.continuous and loss == "huber":
         return "torch.nn.HuberLoss", {"custom_loss": True,
                                        "custom_loss_kwargs": {"delta": HUBER_DELTA, "reduction": "none"}}
     return loss, {}
@@ -90,10 +88,10 @@ class NanAsIgnored(nn.Module):
         return self.criterion(pred, torch.where(torch.isnan(target), float(self.ignore_index), target))
 
 
-def terrascale_criterion(task_name: str, criterion: nn.Module, ignore_index) -> nn.Module:
+def terrascale_criterion(kind: TaskKind, criterion: nn.Module, ignore_index) -> nn.Module:
     """What terrascale adds to the criterion TerraTorch's task built: NaN targets as ignored (regression), an
     all-nodata batch's cross-entropy 0 (segmentation, change detection)."""
-    if task_name == "regression":
+    if kind.continuous:
         return NanAsIgnored(criterion, ignore_index)
     return _safe_cross_entropy(criterion)
 
@@ -111,7 +109,7 @@ def _task_classes():
 
         def configure_losses(self) -> None:
             super().configure_losses()
-            self.criterion = terrascale_criterion("segmentation", self.criterion, self.hparams["ignore_index"])
+            self.criterion = terrascale_criterion(SEGMENTATION, self.criterion, self.hparams["ignore_index"])
 
     class ChangeDetectionTask(SegmentationTask):
         __doc__ = "Segmentation of change (class 1) between dates; metrics of the change class (trainer.model.tasks)."
@@ -129,28 +127,35 @@ def _task_classes():
 
         def configure_losses(self) -> None:
             super().configure_losses()
-            self.criterion = terrascale_criterion("regression", self.criterion, self.hparams["ignore_index"])
+            self.criterion = terrascale_criterion(REGRESSION, self.criterion, self.hparams["ignore_index"])
 
-    _CLASSES = SimpleNamespace(segmentation=SegmentationTask, change_detection=ChangeDetectionTask,
-                               regression=CoherenceRegressionTask)
+    _CLASSES = {c.__name__: c for c in (SegmentationTask, ChangeDetectionTask, CoherenceRegressionTask)}
     return _CLASSES
 
 
 _CLASSES = None
 
 
-def task_class(name: str):
-    return getattr(_task_classes(), name)
+def task_class(kind: TaskKind):
+    """terrascale's TerraTorch task class for `kind` (its `task_class`; imports TerraTorch)."""
+    return _task_classes()[kind.task_class]
+
+
+def terratorch_task_class(kind: TaskKind):
+    """TerraTorch's own task class for `kind` (its `terratorch_task`, in terratorch.tasks; imports TerraTorch)."""
+    import terratorch.tasks
+
+    return getattr(terratorch.tasks, kind.terratorch_task)
 
 
 def task_init_args(exp: Experiment, model_args: dict[str, Any]) -> dict[str, Any]:
     """The task's init args (what a `terratorch fit` file's `model.init_args` would say) for a native experiment."""
     task = exp.task
     loss, extra = terratorch_loss(task)
-    args: dict[str, Any] = {"model_factory": FACTORY[task.name], "model_args": model_args, "loss": loss,
+    args: dict[str, Any] = {"model_factory": task.kind.factory, "model_args": model_args, "loss": loss,
                             "ignore_index": task.ignore_index, "freeze_backbone": exp.model.freeze_backbone,
                             "plot_on_val": False, **extra}
-    if task.name != "regression":
+    if task.kind.classes:
         args["class_weights"] = task.class_weights
     return args
 
@@ -161,10 +166,8 @@ def criterion(task: TaskConfig) -> nn.Module:
     exp = SimpleNamespace(task=task, model=SimpleNamespace(freeze_backbone=False))
     args = task_init_args(exp, {})
     holder = SimpleNamespace(hparams={"class_weights": None, "custom_loss": False, "custom_loss_kwargs": None, **args})
-    from terratorch.tasks import PixelwiseRegressionTask, SemanticSegmentationTask
-
-    (PixelwiseRegressionTask if task.name == "regression" else SemanticSegmentationTask).configure_losses(holder)
-    return terrascale_criterion(task.name, holder.criterion, task.ignore_index)
+    terratorch_task_class(task.kind).configure_losses(holder)
+    return terrascale_criterion(task.kind, holder.criterion, task.ignore_index)
 
 
 def build_task(exp: Experiment, spec=None):
@@ -182,10 +185,10 @@ def build_task(exp: Experiment, spec=None):
                            f"or one of terrascale's: {', '.join(sorted(ours)) or 'none installed'})"])
     model_args = {"backbone": exp.model.backbone, "decoder": exp.model.decoder,
                   "necks": [dict(n) for n in exp.model.necks] or None, **factory_kwargs(exp, ours)}
-    if exp.task.name == "change_detection":
+    if exp.task.kind.temporal:
         model_args.update(fusion=exp.task.date_fusion, num_dates=exp.task.dates)
     with loading_spec(spec or LoadSpec()):
-        task = task_class(exp.task.name)(**task_init_args(exp, model_args))
+        task = task_class(exp.task.kind)(**task_init_args(exp, model_args))
     model = task.model
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import TaskConfig
+from trainer.config import CHANGE_DETECTION, TaskConfig
 from trainer.errors import ConfigError
 
 FUSIONS = ("diff", "concat", "native")
@@ -167,7 +167,7 @@ def register_factory() -> None:
 
         def build_model(self, task: str, backbone: str, decoder: str, fusion: str = "diff", num_dates: int = 2,
                         necks: list[dict] | None = None, aux_decoders=None, **kwargs: Any) -> nn.Module:
-            if task != "segmentation":
+            if task != CHANGE_DETECTION.factory_task:  # "segmentation", TerraTorch's word for it
                 raise ConfigError([f"task: change detection segments change; {task!r} is not supported"])
             encoder, rest, necks = temporal_backbone(backbone, fusion, num_dates, kwargs, necks)
             return EncoderDecoderFactory().build_model(task=task, backbone=encoder, decoder=decoder, necks=necks,

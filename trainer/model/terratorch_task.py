@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from trainer.config import CHANGE_DETECTION, REGRESSION, SEGMENTATION, TaskKind
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -339,13 +340,19 @@ class TaskSteps:
         return loss, pred, y
 
 
+def task_kind(task: Any) -> TaskKind:
+    """The kind of a built TerraTorch task (a native one or a `terratorch fit` file's), from its class: terrascale's
+    change-detection task, else any SemanticSegmentationTask (segmentation), else regression."""
+    names = {c.__name__ for c in type(task).__mro__}
+    if CHANGE_DETECTION.task_class in names:
+        return CHANGE_DETECTION
+    return SEGMENTATION if SEGMENTATION.terratorch_task in names else REGRESSION
+
+
 def primary_metric(task: Any) -> str:
-    """The validation metric a job's curves and sweep summaries lead with: the change class's F1 (change
-    detection), mIoU (segmentation), RMSE (regression)."""
-    names = [c.__name__ for c in type(task).__mro__]
-    if "ChangeDetectionTask" in names:
-        return "F1_Score"
-    return "mIoU" if "SemanticSegmentationTask" in names else "RMSE"
+    """The validation metric a job's curves and sweep summaries lead with (TaskKind.primary_metric): the change
+    class's F1 (change detection), mIoU (segmentation), RMSE (regression)."""
+    return task_kind(task).primary_metric
 
 
 class TaskMetrics:

@@ -22,11 +22,11 @@ def terratorch_builders():
     def around(exp, backbone):
         from terratorch.models import EncoderDecoderFactory
 
-        from trainer.model.registry import FACTORY_TASK, factory_kwargs, register_ours
+        from trainer.model.registry import factory_kwargs, register_ours
 
         kwargs = {k: v for k, v in factory_kwargs(exp, register_ours()).items() if not k.startswith("backbone_")}
         necks = [dict(n) for n in exp.model.necks] or None
-        return EncoderDecoderFactory().build_model(task=FACTORY_TASK[exp.task.name], backbone=backbone,
+        return EncoderDecoderFactory().build_model(task=exp.task.kind.factory_task, backbone=backbone,
                                                    decoder=exp.model.decoder, necks=necks, **kwargs)
 
     return Builders(full_model=full_model, around=around)

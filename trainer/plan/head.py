@@ -57,7 +57,7 @@ def task_loss(exp: Experiment, shape: InputShape) -> tuple[Callable, Callable]:
     pixel-wise classification tasks and MSE for regression stand in for the configured TerraTorch loss (dice/focal
     keep a few more logit-sized tensors: not traced; regression's sigmoid is the head's final activation, traced
     with the head)."""
-    if exp.task.name == "regression":
+    if exp.task.kind.continuous:
         return (lambda: torch.randn(shape.batch, shape.height, shape.width),
                 lambda out, y: F.mse_loss(_logits(out).float().squeeze(1), y))
     return (lambda: torch.zeros(shape.batch, shape.height, shape.width, dtype=torch.long),

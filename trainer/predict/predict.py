@@ -138,7 +138,7 @@ def _run(model, exp: Experiment, batch: list[np.ndarray], temporal: bool) -> np.
         x = x[:, 0]
     with torch.inference_mode():
         out = model_output(model(x)).float()  # regression: the head's sigmoid already bounds it
-    out = out[:, None] if exp.task.name == "regression" else out.softmax(dim=1)
+    out = exp.task.kind.scores(out)  # class probabilities, or coherence with a channel axis
     return out.cpu().numpy()
 
 
@@ -174,7 +174,7 @@ def predict_scene(job: Path, inputs: Sequence[Path], out: Path, *, tile: int = 6
         raise DataError(f"--out {out} is one of the inputs: choose another output path")
     export = resolve_export(job)
     exp = load_experiment(export / "config.yaml")
-    temporal = exp.task.name == "change_detection"
+    temporal = exp.task.kind.temporal
     if exp.terratorch is not None:  # a `terratorch fit` file's job: windows prepared as its datamodule did
         from trainer.predict import terratorch_predict
         precision = terratorch_predict.check_precision(precision)
@@ -199,7 +199,7 @@ def predict_loaded(model, inputs: Sequence[Path], out: Path, *, tile: int = 64, 
     _check_options(tile, overlap, batch_size)
     export, exp = model.export, model.exp
     task = exp.task
-    temporal = task.name == "change_detection"
+    temporal = task.kind.temporal
     num_dates = temporal_settings(task).num_dates if temporal else 1
     tt = None
     if exp.terratorch is not None:  # trainer.predict.terratorch_predict: the datamodule's preparation, the task's model
@@ -210,7 +210,7 @@ def predict_loaded(model, inputs: Sequence[Path], out: Path, *, tile: int = 64, 
         mean, std, stats_path = load_stats(export, exp)
         headers = check_inputs(inputs, exp, len(mean), num_dates)
     height, width = headers[0].height, headers[0].width
-    if task.name == "regression":
+    if task.kind.continuous:
         mode, nbands = "coherence", 1
     elif probabilities:
         mode, nbands = "probabilities", task.num_classes
@@ -223,7 +223,7 @@ def predict_loaded(model, inputs: Sequence[Path], out: Path, *, tile: int = 64, 
     rows, cols = offsets(height, tile, stride), offsets(width, tile, stride)
     w1 = taper(tile, overlap)
     weight = w1[:, None] * w1[None, :]
-    k = task.num_classes if task.name != "regression" else 1
+    k = task.kind.out_channels(task.num_classes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     with rasterio.open(inputs[0]) as ref:

@@ -193,11 +193,10 @@ class Reader:
 def run(model, exp: Experiment, batch: list[np.ndarray]) -> np.ndarray:
     """The task model's output for a batch of windows: class probabilities [N, K, t, t] or values [N, 1, t, t]."""
     x = torch.from_numpy(np.stack(batch))[:, 0]
-    out = model(x).float()  # InferenceModel: inference_mode, ModelOutput.output
-    if exp.task.name != "regression":
-        return out.softmax(dim=1).cpu().numpy()
-    if out.dim() == 3:  # TerraTorch's pixel-wise regression squeezes its single channel
-        out = out[:, None]
-    if out.dim() != 4 or out.shape[1] != 1:
+    kind = exp.task.kind
+    # InferenceModel: inference_mode, ModelOutput.output. TerraTorch's pixel-wise regression squeezes its single
+    # channel; kind.scores gives it back (classes: the softmax)
+    out = kind.scores(model(x).float())
+    if kind.continuous and (out.dim() != 4 or out.shape[1] != 1):
         raise DataError(f"the regression model returned shape {tuple(out.shape)}; predict writes one value per pixel")
     return out.cpu().numpy()

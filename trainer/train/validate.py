@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from trainer.config import Experiment, ModelConfig, experiment_from_raw, load_raw
+from trainer.config import Experiment, ModelConfig, TaskKind, experiment_from_raw, load_raw
 from trainer.errors import ConfigError
 from trainer.model.signatures import Accepted, kwargs_of, positional_names, unknown_keys
 
@@ -43,7 +43,7 @@ def _value(section: dict[str, Any], cls: type, key: str) -> Any:
     return field.default_factory() if field.default_factory else field.default
 
 
-def check_model(model: dict[str, Any], task: str) -> list[str]:
+def check_model(model: dict[str, Any], kind: TaskKind) -> list[str]:
     """Registry checks of a raw `model:` section (its values may be the wrong type: those are skipped, the
     pydantic model reports them)."""
     from terratorch.registry import BACKBONE_REGISTRY, DECODER_REGISTRY, NECK_REGISTRY
@@ -62,7 +62,7 @@ def check_model(model: dict[str, Any], task: str) -> list[str]:
     decoder = _value(model, ModelConfig, "decoder")
     dkw, hkw = _value(model, ModelConfig, "decoder_kwargs"), _value(model, ModelConfig, "head_kwargs")
     if isinstance(decoder, str) and isinstance(dkw, dict) and isinstance(hkw, dict):
-        issues += check_decoder_and_head(decoder, dkw, hkw, task, DECODER_REGISTRY)
+        issues += check_decoder_and_head(decoder, dkw, hkw, kind, DECODER_REGISTRY)
     return issues
 
 
@@ -172,8 +172,9 @@ def check_necks(necks: list[Any], registry) -> list[str]:
     return issues
 
 
-def check_decoder_and_head(decoder: str, dkw: dict[str, Any], hkw: dict[str, Any], task: str, registry) -> list[str]:
-    from terratorch.models.heads import RegressionHead, SegmentationHead
+def check_decoder_and_head(decoder: str, dkw: dict[str, Any], hkw: dict[str, Any], kind: TaskKind,
+                           registry) -> list[str]:
+    import terratorch.models.heads
     from terratorch.registry import TERRATORCH_DECODER_REGISTRY as own
 
     if decoder not in registry:
@@ -191,7 +192,7 @@ def check_decoder_and_head(decoder: str, dkw: dict[str, Any], hkw: dict[str, Any
         _unchecked("model.decoder_kwargs", decoder, "its constructor is another library's (smp/mmseg)")
     if includes_head and hkw:
         return issues + [f"model.head_kwargs: decoder {decoder} includes its head; remove model.head_kwargs"]
-    head = RegressionHead if task == "regression" else SegmentationHead
+    head = getattr(terratorch.models.heads, kind.head)
     acc = kwargs_of(head)
     # terrascale sets the head's input width and task.num_classes (or 1 output) itself
     set_here = {"in_channels", "num_classes", "num_outputs"}
@@ -235,7 +236,7 @@ def load_checked(path: str | Path | None, overrides: list[str] | None = None) ->
     if issues:  # reported before the TerraTorch import (12-36 s): most mistakes exit in a few seconds
         raise ConfigError(issues, source=source, note=LATER)
     if exp.terratorch is None:
-        issues += check_model(_section(raw, "model"), exp.task.name)
+        issues += check_model(_section(raw, "model"), exp.task.kind)
     else:  # a `terratorch fit` file: TerraTorch's own parser checks it now, not after the accelerator is up
         from trainer.model.terratorch_task import check
 
