@@ -63,17 +63,13 @@ def _our_name(export_key: str) -> str | None:
 def _compare_export(job, info, quantized: bool) -> int:
     """Every merged backbone weight the checkpoint provides equals the written value (LoRA-adapted ones within the
     adapters' small delta after one step); returns the count compared exactly or within NF4's error."""
-    import subprocess
-    import sys
-
-    from tests.integration.helpers import env
+    from tests.integration.helpers import run_python
 
     native = {s.name: s.shape for s in synth_checkpoint.native_specs(
         synth_checkpoint.config_for("internvl2_40b", 1, 1, info["vocab"], WIDTH_DIVISOR))}
     small = load_file(str(job / "export" / "model.safetensors"))
     assert not [k for k in small if _our_name(k) in native], "the small export repeats base weights"
-    r = subprocess.run([sys.executable, "-m", "trainer", "export", "--job", str(job), "--merge"], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=900)
+    r = run_python(["-m", "trainer", "export", "--job", str(job), "--merge"], timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     state = load_file(str(job / "export" / "model.merged.safetensors"))
     compared, adapted = 0, 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.helpers import BIN, ROOT, TINY, env, metrics, train_cmd
+from tests.integration.helpers import BIN, ROOT, TINY, env, metrics, run_train, train_cmd
 from trainer import launch_hook
 
 LONG = ["run.max_steps=100000", "run.checkpoint_every=100000", "run.eval_every=100000", "memory.profile=full"]
@@ -77,7 +77,7 @@ def test_sigterm_to_launcher_saves_and_the_lock_refuses_a_second_run(tmp_path):
     wait_for(training(job), "training to start")
     children = trainers(launcher)
     assert len(children) == 1
-    second = subprocess.run(train_cmd(args), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    second = run_train(args, timeout=400)  # the lock is the trainer's, not the launcher's: a warm child will do
     assert second.returncode == 2, second.stderr[-3000:]
     assert f"is in use by another run (pid {children[0].pid} on " in second.stderr
     assert "Traceback" not in second.stderr

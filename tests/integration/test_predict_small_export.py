@@ -28,7 +28,7 @@ import rasterio
 from rasterio.transform import Affine
 from safetensors import safe_open
 
-from tests.integration.helpers import ROOT, check, env, run_train
+from tests.integration.helpers import ROOT, check, env, run_python, run_train
 from trainer.backbones import synth_checkpoint
 
 CONFIG = ROOT / "launch/configs/internvl2_40b_forest.yaml"
@@ -90,8 +90,7 @@ def test_small_export_is_what_trained_and_merge_states_its_size(job):
     size = sum(p.stat().st_size for p in export.rglob("*") if p.is_file() and p.name != "export.json")
     assert manifest["bytes"] == size and size < 0.1 * job["info"]["bytes"]  # export.json: the files beside it
 
-    r = subprocess.run([sys.executable, "-m", "trainer", "export", "--job", str(job["job"]), "--merge"], cwd=ROOT,
-                       env=env(), capture_output=True, text=True, timeout=900)
+    r = run_python(["-m", "trainer", "export", "--job", str(job["job"]), "--merge"], timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     stated = float(re.search(r"merged export: ([\d.]+) GB \(bf16", r.stdout)[1]) * 1e9
     merged = export / "model.merged.safetensors"

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import math
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ import pytest
 import rasterio
 from rasterio.merge import merge
 
-from tests.integration.helpers import ROOT, env
+from tests.integration.helpers import ROOT, run_python
 from trainer.config import load_experiment
 
 CONFIG_DIR = ROOT / "launch" / "configs"
@@ -130,8 +128,9 @@ def matrix_runs(tmp_path_factory):
         runs.append([f"predict_{job}", str(ROOT / "launch/predict.py"),
                      ["--job", str(tmp / job), *inputs, "--out", str(tmp / "pred" / f"{job}.tif"), "--tile", "32",
                       "--overlap", "8", *PREDICT[job]]])
-    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], cwd=ROOT, env=env(), capture_output=True,
-                       text=True, timeout=1800)
+    driver = tmp / "driver.py"  # one process for all runs, forked warm (helpers.run_python): imports paid once
+    driver.write_text(DRIVER)
+    r = run_python([driver, json.dumps(runs)], timeout=1800)
     logs = dict(part.split("\n", 1) for part in r.stderr.split("=== RUN ")[1:] if "\n" in part)
     assert r.returncode == 0, f"driver exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-8000:]}"
     codes = dict(zip([run[0] for run in runs], json.loads(r.stdout.strip().splitlines()[-1])))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.integration.helpers import (ROOT, TINY, check, env, load_export, metrics, run_train, train_cmd)
+from tests.integration.helpers import (ROOT, TINY, check, env, load_export, metrics, run_python, run_train,
+                                       train_cmd)
 
 
 # 12 tiles, grad_accum 2: 3 steps per epoch in both cases (batch 2 x 1 process, batch 1 x 2 processes), and
@@ -109,8 +109,7 @@ def test_sigterm_saves_and_rerun_continues(tmp_path):
     stopped_at = int(saved[0].name.split("-")[1])
     assert "SIGTERM" in err and "Re-run the same command" in err
     # a stopped job can still be exported from its checkpoint
-    r = check(subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--job", str(job)], cwd=ROOT,
-                             env=env(), capture_output=True, text=True, timeout=300))
+    r = check(run_python([ROOT / "launch/export.py", "--job", str(job)], timeout=300))
     assert "model.safetensors" in r.stdout and (job / "export" / "stats.json").is_file()
     from safetensors.torch import load_file
 

@@ -17,6 +17,9 @@ from tests.integration.helpers import ROOT, TINY, check, env, load_export, metri
 
 PROBE = ROOT / "tests/integration/scripts/warm_probe.py"
 RANDOM = ("torch_seed", "torch_rand", "random", "numpy")
+# The probes' own environment, hence their own zygote (the session's stays untouched); shared by the tests below
+# so that they start one zygote between them, not one each.
+PROBE_ENV = "from the caller"
 
 
 def _both(args: list[str], cwd, e):
@@ -28,14 +31,14 @@ def _both(args: list[str], cwd, e):
 
 
 def test_warm_child_sees_what_a_fresh_process_sees(tmp_path):
-    e = {**env(), "WARM_PROBE": "from the caller"}
+    e = {**env(), "WARM_PROBE": PROBE_ENV}
     (w, r), (w2, _) = _both(["7", "two words"], tmp_path, e), _both(["3"], tmp_path, e)
     assert (w.returncode, r.returncode, w2.returncode) == (7, 7, 3)
     assert w.stderr == r.stderr == "to stderr\n"
     seen_w, seen_r, seen_w2 = (json.loads(p.stdout) for p in (w, r, w2))
     assert {k: v for k, v in seen_w.items() if k not in RANDOM} == {k: v for k, v in seen_r.items() if k not in RANDOM}
     assert seen_w["argv"] == [str(PROBE), "7", "two words"] and seen_w["cwd"] == str(tmp_path)
-    assert seen_w["env"] == "from the caller" and seen_w["main"] == "__main__" and seen_w["sigint"] == (signal.getsignal(signal.SIGINT) != signal.SIG_IGN)
+    assert seen_w["env"] == PROBE_ENV and seen_w["main"] == "__main__" and seen_w["sigint"] == (signal.getsignal(signal.SIGINT) != signal.SIG_IGN)
     # fresh RNGs: two children of one zygote do not replay one stream
     assert all(seen_w[k] != seen_w2[k] for k in RANDOM)
 
@@ -88,7 +91,7 @@ def test_a_zygote_whose_socket_was_removed_is_replaced_aloud(tmp_path, capsys):
     """Seen in CI: another process cleaned /tmp under a running session, and every later warm launch failed."""
     import shutil
 
-    e = {**env(), "WARM_PROBE": "socket removed"}  # its own zygote: the session's stays untouched
+    e = {**env(), "WARM_PROBE": PROBE_ENV}  # not the session's zygote: that one stays untouched
     cmd = [sys.executable, str(PROBE), "5"]
     assert warm.run(cmd, tmp_path, e, timeout=300).returncode == 5
     old = warm._zygotes[warm._key(e)]
