@@ -38,6 +38,13 @@ LONGEST_FIRST = ("test_sweep.py", "test_multinode.py", "test_chaos.py", "test_bi
 LAST = ("test_profile_nvme.py",)
 
 
+def pytest_configure(config):
+    # pytest-xdist's loadfile scheduler re-sorts files by their number of tests unless told not to (its default
+    # --loadscope-reorder): a one-test 90-second file then runs last, alone. Keep the order below.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
 

@@ -105,6 +105,24 @@ def check(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return r
 
 
+def start_until_training(cmd: list[str], job: Path, cwd: str | Path, env_: dict[str, str], steps: int = 2,
+                         timeout: float = 400) -> subprocess.Popen:
+    """Start a real process (a launcher under test: its output piped) and return once `job` has logged `steps`
+    training records; the process must still be running then (its stderr and stdout are shown if not)."""
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env_, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (job / "metrics.jsonl").is_file() and len(metrics(job)) >= steps:
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        out, err = proc.communicate()
+        raise AssertionError(f"exit {proc.returncode} before {steps} steps\nSTDOUT:\n{out[-3000:]}\nSTDERR:\n{err[-4000:]}")
+    return proc
+
+
 def metrics(job: Path, split: str = "train") -> list[dict]:
     lines = (job / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == split]

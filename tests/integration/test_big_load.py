@@ -26,7 +26,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.helpers import ROOT
 from trainer.backbones import synth_checkpoint
 from trainer.bench import bench_load
 

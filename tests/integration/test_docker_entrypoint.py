@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 
 import pytest
 
-from tests.integration.helpers import BIN, ROOT, TINY, env, metrics
+from tests.integration.helpers import BIN, ROOT, TINY, env, metrics, start_until_training
 
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 
@@ -33,13 +32,7 @@ def test_sigterm_saves_exits_143_and_the_same_command_resumes(tmp_path):
     args = ["bash", str(ENTRYPOINT), "--config", "launch/configs/demo.yaml", *TINY, f"data.root={tmp_path / 'data'}",
             "memory.profile=full", "run.max_steps=30", "run.checkpoint_every=100", "run.eval_every=100",
             f"checkpoint.dir={job}"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (job / "metrics.jsonl").is_file() and len(metrics(job)) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()[1][-4000:]
+    proc = start_until_training(args, job, tmp_path, _env(), timeout=300)
     proc.send_signal(signal.SIGTERM)  # to the entrypoint only, as tini (PID 1 in the image) passes it on
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-4000:]

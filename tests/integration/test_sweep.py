@@ -9,12 +9,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
-from tests.integration.helpers import ROOT, TINY, env, metrics
+from tests.integration.helpers import ROOT, TINY, env, metrics, start_until_training
 
 
 @pytest.mark.slow
@@ -32,13 +31,7 @@ def test_matrix_sweep_failure_stop_resume_skip(tmp_path):
            "run.checkpoint_every=100", "run.eval_every=100"]
     full = out / "full"
 
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        if (full / "metrics.jsonl").is_file() and len(metrics(full)) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()[0][-4000:]
+    proc = start_until_training(cmd, full, tmp_path, env())
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 from tests.integration.helpers import (ROOT, TINY, check, env, load_export, metrics, run_python, run_train,
-                                       train_cmd)
+                                       start_until_training, train_cmd)
 
 
 # 12 tiles, grad_accum 2: 3 steps per epoch in both cases (batch 2 x 1 process, batch 1 x 2 processes), and
@@ -93,14 +91,7 @@ def test_sigterm_saves_and_rerun_continues(tmp_path):
     job = tmp_path / "job"
     args = [*TINY, f"data.root={tmp_path / 'data'}", "memory.profile=full", "run.max_steps=40",
             "run.checkpoint_every=100", "run.eval_every=100", f"checkpoint.dir={job}"]
-    proc = subprocess.Popen(train_cmd(args), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        m = job / "metrics.jsonl"
-        if m.is_file() and len(metrics(job)) >= 2:
-            break
-        time.sleep(0.05)
+    proc = start_until_training(train_cmd(args), job, ROOT, env(), timeout=300)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-4000:]

@@ -11,6 +11,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from trainer.config import Experiment, TerraTorchSpec, load_experiment
@@ -32,6 +33,7 @@ EXPERIMENTS = [
     ["run.precision=fp16", "run.grad_accum=4", "data.batch_size=3", "run.grad_clip=0.5", "optim.lr=0.01"],
     ["memory.quantization=nf4"],  # refused without LoRA, and with ZeRO-3 parameter offload
     ["memory.lora.rank=4", "memory.grad_checkpointing=false", "scheduler.warmup_steps=7", "run.max_steps=33"],
+    ["memory.optimizer=adamw_8bit"],  # refused under every DeepSpeed profile (the run's optimizer build)
 ]
 
 
@@ -40,10 +42,13 @@ def _exp(overrides: list[str], tmp_path) -> Experiment:
 
 
 def _run_deepspeed(exp, profile, precision, monkeypatch):
-    """(rendered config, ZeRO stage, refusal) as trainer.train.run.setup gets them for one process."""
+    """(rendered config, ZeRO stage, refusal) as trainer.train.run.setup gets them for one process: the DeepSpeed
+    step's checks, then the optimizer's."""
     monkeypatch.setattr(ds, "nvme_problem", lambda cfg: None)  # libaio is this machine's question, not the rule's
     try:
         cfg, stage = run._deepspeed(exp, profile, precision, 1, exp.run.max_steps, universal=False)
+        run.build_optimizer(exp.model_copy(update={"memory": exp.memory.model_copy(update={"profile": profile.name})}),
+                            [nn.Parameter(torch.zeros(2))], cfg)
     except ConfigError as e:
         return None, None, "; ".join(e.issues)
     return cfg, stage, None
@@ -69,6 +74,9 @@ def test_the_planner_reads_the_zero_settings_and_refusals_of_the_config_the_run_
             assert stage == (zero.stage if zero else 0), name
     if overrides == ["memory.quantization=nf4"]:  # the rule did refuse something
         assert planner._zero(exp, P.profile_for(exp, "full"), "bf16")[1]
+    if overrides == ["memory.optimizer=adamw_8bit"]:
+        assert planner._zero(exp, P.profile_for(exp, "zero2"), "bf16")[1].startswith("memory.optimizer: 'adamw_8bit'")
+        assert planner._zero(exp, P.profile_for(exp, "lora"), "bf16")[1] is None
 
 
 def test_the_run_resolves_the_profile_the_planner_plans_under_its_name(tmp_path):
@@ -151,6 +159,7 @@ def test_each_rule_is_built_in_one_place(block, home):
     ("config_for", {"train/run.py", "train/terratorch_run.py", "plan/planner.py"}),
     ("check_deepspeed", {"train/run.py", "train/terratorch_run.py", "plan/planner.py"}),
     ("no_backbone_refusal", {"train/terratorch_run.py", "plan/planner.py"}),
+    ("optimizer_refusal", {"train/run.py", "plan/planner.py"}),
     ("missing_backbone", {"train/terratorch_run.py", "plan/terratorch_plan.py"}),
     ("profile_for", {"train/run.py", "train/terratorch_run.py", "plan/planner.py"}),
     ("world_size", {"train/run.py", "train/terratorch_run.py", "plan/auto.py"}),

@@ -144,6 +144,21 @@ def check_deepspeed(p: Profile, ds_config: dict | None) -> None:
     check_combination(p, ds.zero_stage(ds_config) if ds_config else 0, ds.offloads(ds_config) if ds_config else {})
 
 
+def optimizer_refusal(exp: Experiment, p: Profile, ds_config: dict | None) -> str | None:
+    """Why `exp.memory.optimizer` cannot run with this DeepSpeed config (None: it can). DeepSpeed ZeRO steps its own
+    flat fp32 partitions (or DeepSpeedCPUAdam on offloaded ones) and refuses optimizers it has not tested; 8-bit
+    states there are unverified, so they are refused, not attempted. The run raises it, the planner marks the
+    profile refused (so `auto` never picks what the run would refuse)."""
+    states = exp.memory.optimizer
+    if states == "adamw" or ds_config is None:
+        return None
+    source = exp.memory.deepspeed or f"the DeepSpeed preset of memory.profile {p.name}"
+    owner = (f"its own {ds_config['optimizer'].get('type', '')} optimizer" if "optimizer" in ds_config
+             else f"ZeRO-{ds.zero_stage(ds_config)} partitions")
+    return (f"memory.optimizer: {states!r} cannot run under DeepSpeed ({source}: {owner}); use memory.optimizer: "
+            "adamw with this profile, or a profile without DeepSpeed (full, lora, qlora) for 8-bit optimizer states")
+
+
 def adapts_backbone(p: Profile) -> bool:
     """The profile changes the backbone itself (LoRA adapters, quantized linears, checkpointed blocks), so it needs
     a model whose backbone terrascale can find."""

@@ -13,7 +13,7 @@ from trainer.train.checkpoint import (Progress, StopRequest, drop_frozen_weights
 from trainer.config import Experiment, dump_experiment
 from trainer.errors import ConfigError
 from trainer.memory import deepspeed as ds
-from trainer.memory.profiles import check_deepspeed, precision_for, profile_for
+from trainer.memory.profiles import check_deepspeed, optimizer_refusal, precision_for, profile_for
 from trainer.train.export import backbone_name, export_job, export_metadata  # noqa: F401  (backbone_name: predict's)
 from trainer.train.report import MetricsLog, plot_curves
 from trainer.train.trackers import hparams, init_kwargs, select_trackers
@@ -25,15 +25,8 @@ log = logging.getLogger("terrascale")
 
 def build_optimizer(exp: Experiment, params, ds_config: dict | None):
     o, states = exp.optim, exp.memory.optimizer
-    if states != "adamw" and ds_config is not None:
-        # DeepSpeed ZeRO steps its own flat fp32 partitions (or DeepSpeedCPUAdam on offloaded ones) and refuses
-        # optimizers it has not tested; 8-bit states there are unverified, so they are refused, not attempted.
-        source = exp.memory.deepspeed or f"the DeepSpeed preset of memory.profile {exp.memory.profile}"
-        owner = (f"its own {ds_config['optimizer'].get('type', '')} optimizer" if "optimizer" in ds_config
-                 else f"ZeRO-{ds.zero_stage(ds_config)} partitions")
-        raise ConfigError([f"memory.optimizer: {states!r} cannot run under DeepSpeed ({source}: {owner}); use "
-                           "memory.optimizer: adamw with this profile, or a profile without DeepSpeed (full, lora, "
-                           "qlora) for 8-bit optimizer states"])
+    if refusal := optimizer_refusal(exp, profile_for(exp, exp.memory.profile), ds_config):
+        raise ConfigError([refusal])
     if ds_config is not None and "optimizer" in ds_config:
         from accelerate.utils import DummyOptim
 
