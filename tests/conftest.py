@@ -27,10 +27,10 @@ def pytest_collection_finish(session):
 # loadfile` hands whole files to the two workers in collection order, so a long file collected last would run
 # alone at the end while the other worker idles. Only the order of files changes; tests inside a file keep theirs.
 # (names of files in tests/integration/)
-LONGEST_FIRST = ("test_sweep.py", "test_multinode.py", "test_chaos.py", "test_big_load.py", "test_launch_signals.py",
-                 "test_train_resume.py", "test_terratorch_configs.py", "test_profiles_train.py",
-                 "test_predict_small_export.py", "test_docker_entrypoint.py", "test_warm.py", "test_tasks_e2e.py",
-                 "test_bench_report.py", "test_planner_validation.py")
+LONGEST_FIRST = ("test_sweep.py", "test_multinode.py", "test_train_resume.py", "test_warm.py", "test_chaos.py",
+                 "test_big_load.py", "test_launch_signals.py", "test_predict_small_export.py",
+                 "test_docker_entrypoint.py", "test_terratorch_configs.py", "test_profiles_train.py",
+                 "test_planner_validation.py", "test_bench_report.py", "test_tasks_e2e.py")
 
 
 # ... and these last: the zero3_nvme run needs DeepSpeed's async_io op, which `.ci/run` compiles beside the tests
