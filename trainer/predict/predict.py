@@ -243,7 +243,7 @@ def predict_loaded(model, inputs: Sequence[Path], out: Path, *, tile: int = 64, 
                 dst = stack.enter_context(rasterio.open(tmp, "w", **profile))
             except rasterio.errors.RasterioIOError as e:
                 raise DataError(f"cannot write --out {out} ({e}): check the folder exists and is writable") from e
-            from trainer.train.run import backbone_name
+            from trainer.train.export import backbone_name
 
             value = "value" if tt else "coherence"  # a TerraTorch regression task's target is the file's own
             dst.update_tags(task=task.name, backbone=backbone_name(exp), job=str(export),

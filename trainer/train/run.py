@@ -14,7 +14,7 @@ from trainer.config import Experiment, dump_experiment
 from trainer.errors import ConfigError
 from trainer.memory import deepspeed as ds
 from trainer.memory.profiles import check_deepspeed, optimizer_refusal, precision_for, profile_for
-from trainer.train.export import backbone_name, export_job, export_metadata  # noqa: F401  (backbone_name: predict's)
+from trainer.train.export import export_job, export_metadata
 from trainer.train.report import MetricsLog, plot_curves
 from trainer.train.trackers import hparams, init_kwargs, select_trackers
 from trainer.train.job import COMPUTE_DTYPE, Job, announce_auto, deepspeed_bf16, load_spec, make_accelerator
