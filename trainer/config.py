@@ -327,7 +327,8 @@ class MemoryConfig(_Closed):
     # fp32 states (8 bytes per trainable parameter with Adam/AdamW). adamw_8bit: bitsandbytes' AdamW8bit, both
     # moments blockwise-quantized to 8 bits (~2 bytes per parameter; tensors under 4096 elements stay fp32).
     # paged_adamw_8bit: the same in CUDA unified memory, evicted to CPU RAM under GPU memory pressure (on a
-    # CPU-only host, plain adamw_8bit). Both need optim.name: adamw and no DeepSpeed (trainer.train.run.build_optimizer).
+    # CPU-only host, plain adamw_8bit). Both need optim.name: adamw and no DeepSpeed
+    # (trainer.memory.profiles.check_deepspeed).
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
 
     @model_validator(mode="after")

@@ -45,3 +45,14 @@ def test_8bit_adamw_resumes_exactly(tmp_path):
     for k in wa:
         assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     assert a[-1]["loss"] < a[0]["loss"], "the run did not train"
+
+
+def test_8bit_states_under_deepspeed_exit_2_before_anything_is_trained(tmp_path):
+    """The run's DeepSpeed check refuses them (the planner's refusal too): exit 2 naming memory.optimizer, no
+    checkpoint, no metrics."""
+    job = tmp_path / "zero2"
+    r = run_train([*TINY, f"data.root={tmp_path / 'data'}", "memory.profile=zero2", "memory.optimizer=adamw_8bit",
+                   "run.max_steps=2", f"checkpoint.dir={job}"])
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "memory.optimizer: 'adamw_8bit' cannot run under DeepSpeed" in r.stderr and "Traceback" not in r.stderr
+    assert not (job / "checkpoints").exists() and not (job / "metrics.jsonl").exists()

@@ -3,7 +3,8 @@
 - The key is closed (adamw | adamw_8bit | paged_adamw_8bit); 8-bit states with optim.name other than adamw is
   a config error naming both keys.
 - run.build_optimizer builds bitsandbytes' AdamW8bit / PagedAdamW8bit, whose steps really keep uint8 moments
-  on this CPU backend; under any DeepSpeed config it is a ConfigError naming memory.optimizer and the fix.
+  on this CPU backend; under any DeepSpeed config the run's DeepSpeed check (memory.profiles.check_deepspeed, before
+  the model is built) is a ConfigError naming memory.optimizer and the fix.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from trainer.config import build_experiment
 from trainer.errors import ConfigError
+from trainer.memory.profiles import check_deepspeed, profile_for
 from trainer.train.run import build_optimizer
 
 
@@ -60,7 +62,7 @@ def test_eight_bit_states_step_on_this_backend(states, cls, caplog):
 def test_eight_bit_under_deepspeed_is_a_config_error(ds_config, owner):
     exp = _exp(optimizer="adamw_8bit", profile="zero3_offload_lora")
     with pytest.raises(ConfigError) as e:
-        build_optimizer(exp, [torch.nn.Parameter(torch.zeros(4))], ds_config)
+        check_deepspeed(exp, profile_for(exp, exp.memory.profile), ds_config)
     (msg,) = e.value.issues
     assert msg.startswith("memory.optimizer: 'adamw_8bit' cannot run under DeepSpeed")
     assert owner in msg and "memory.profile zero3_offload_lora" in msg and "use memory.optimizer: adamw" in msg

@@ -138,17 +138,25 @@ def check_combination(p: Profile, zero_stage: int, offloads: dict[str, str]) -> 
         raise ConfigError(problems)
 
 
-def check_deepspeed(p: Profile, ds_config: dict | None) -> None:
-    """`check_combination` against the profile's rendered DeepSpeed config (None: no DeepSpeed, ZeRO stage 0): the
-    run refuses with it, the planner marks the profile refused with the same words."""
-    check_combination(p, ds.zero_stage(ds_config) if ds_config else 0, ds.offloads(ds_config) if ds_config else {})
+def check_deepspeed(exp: Experiment, p: Profile, ds_config: dict | None) -> None:
+    """`check_combination` against the profile's rendered DeepSpeed config (None: no DeepSpeed, ZeRO stage 0) and
+    the optimizer states it can step (`optimizer_refusal`), all problems at once: the run refuses with them before
+    it builds the model, the planner marks the profile refused with the same words (so `auto` never picks it)."""
+    problems = []
+    try:
+        check_combination(p, ds.zero_stage(ds_config) if ds_config else 0, ds.offloads(ds_config) if ds_config else {})
+    except ConfigError as e:
+        problems += e.issues
+    if refusal := optimizer_refusal(exp, p, ds_config):
+        problems.append(refusal)
+    if problems:
+        raise ConfigError(problems)
 
 
 def optimizer_refusal(exp: Experiment, p: Profile, ds_config: dict | None) -> str | None:
     """Why `exp.memory.optimizer` cannot run with this DeepSpeed config (None: it can). DeepSpeed ZeRO steps its own
     flat fp32 partitions (or DeepSpeedCPUAdam on offloaded ones) and refuses optimizers it has not tested; 8-bit
-    states there are unverified, so they are refused, not attempted. The run raises it, the planner marks the
-    profile refused (so `auto` never picks what the run would refuse)."""
+    states there are unverified, so they are refused, not attempted (part of `check_deepspeed`)."""
     states = exp.memory.optimizer
     if states == "adamw" or ds_config is None:
         return None

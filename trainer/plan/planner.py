@@ -15,8 +15,7 @@ from trainer.config import Experiment
 from trainer.errors import ConfigError, PlanError
 from trainer.memory import states as st
 from trainer.memory import deepspeed as ds
-from trainer.memory.profiles import (Profile, check_deepspeed, no_backbone_refusal, optimizer_refusal, precision_for,
-                                     profile_for)
+from trainer.memory.profiles import Profile, check_deepspeed, no_backbone_refusal, precision_for, profile_for
 from trainer.plan import head as head_mod
 from trainer.plan import load_ram as lr
 from trainer.plan import workload as wl
@@ -96,10 +95,10 @@ def _zero(exp: Experiment, profile: Profile, precision: str) -> tuple[st.ZeroSet
                         nvme_path=exp.memory.nvme_path or "/nvme")
     zero = st.zero_settings(cfg) if cfg is not None else None
     try:
-        check_deepspeed(profile, cfg)
+        check_deepspeed(exp, profile, cfg)
     except ConfigError as e:
         return zero, "; ".join(e.issues)
-    return zero, optimizer_refusal(exp, profile, cfg)  # the run's own refusal (trainer.train.run.build_optimizer)
+    return zero, None
 
 
 def _counts(c: dict, profile: Profile, zero: st.ZeroSettings | None, exp: Experiment) -> st.Counts:

@@ -13,7 +13,7 @@ from trainer.train.checkpoint import (Progress, StopRequest, drop_frozen_weights
 from trainer.config import Experiment, dump_experiment
 from trainer.errors import ConfigError
 from trainer.memory import deepspeed as ds
-from trainer.memory.profiles import check_deepspeed, optimizer_refusal, precision_for, profile_for
+from trainer.memory.profiles import check_deepspeed, precision_for, profile_for
 from trainer.train.export import export_job, export_metadata
 from trainer.train.report import MetricsLog, plot_curves
 from trainer.train.trackers import hparams, init_kwargs, select_trackers
@@ -24,9 +24,9 @@ log = logging.getLogger("terrascale")
 
 
 def build_optimizer(exp: Experiment, params, ds_config: dict | None):
+    """The optimizer for `params` (8-bit states under DeepSpeed are refused earlier, by
+    trainer.memory.profiles.check_deepspeed)."""
     o, states = exp.optim, exp.memory.optimizer
-    if refusal := optimizer_refusal(exp, profile_for(exp, exp.memory.profile), ds_config):
-        raise ConfigError([refusal])
     if ds_config is not None and "optimizer" in ds_config:
         from accelerate.utils import DummyOptim
 
@@ -154,7 +154,7 @@ def _deepspeed(exp: Experiment, profile, precision: str, world: int, total: int,
     if universal:  # resuming a ZeRO checkpoint written by another number of processes
         ds_config = with_load_universal(ds_config)
     stage = ds.zero_stage(ds_config) if ds_config else 0
-    check_deepspeed(profile, ds_config)
+    check_deepspeed(exp, profile, ds_config)
     if ds_config is not None and (problem := ds.nvme_problem(ds_config)):
         raise ConfigError([problem])
     return ds_config, stage

@@ -70,7 +70,7 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     if universal:
         ds_config = with_load_universal(ds_config)
     stage = ds.zero_stage(ds_config) if ds_config else 0
-    check_deepspeed(profile, ds_config)
+    check_deepspeed(exp, profile, ds_config)
     accelerator = J.make_accelerator(exp, ds_config, precision)
     setup_logging(accelerator.is_main_process)
     if auto_choice is not None:
