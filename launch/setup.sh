@@ -25,7 +25,7 @@ pip_install() {
 # DeepSpeed JIT-compiles its CPU ops on first use (30-120 s each); they are built once into a folder the venv owns,
 # in the background, as soon as torch and DeepSpeed are installed, so the compile overlaps the rest of the install.
 # shm_comm (DeepSpeed's CPU communication op, used by every DeepSpeed run) is always built and waited for.
-# async_io (NVMe offload, profile zero3_nvme) is left to its first use (it costs 2-5 min) unless
+# async_io (NVMe offload, profile zero3_nvme) is left to its first use (it costs 4-6 min on one core) unless
 # TERRASCALE_BUILD_AIO=background (what .ci/run sets): then it goes on compiling, on one core, after setup returns;
 # a run that needs the op meanwhile waits for torch's build lock, then loads it.
 start_op_builds() {

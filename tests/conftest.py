@@ -34,7 +34,7 @@ LONGEST_FIRST = ("test_sweep.py", "test_multinode.py", "test_train_resume.py", "
 
 
 # ... and these last: the zero3_nvme run needs DeepSpeed's async_io op, which `.ci/run` compiles beside the tests
-# (4-5 min); collected first, it would hold a worker waiting for the compile.
+# (4-6 min); collected first, it would hold a worker waiting for the compile.
 LAST = ("test_profile_nvme.py",)
 
 

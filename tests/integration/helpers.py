@@ -108,18 +108,22 @@ def check(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def start_until_training(cmd: list[str], job: Path, cwd: str | Path, env_: dict[str, str], steps: int = 2,
                          timeout: float = 400) -> subprocess.Popen:
     """Start a real process (a launcher under test: its output piped) and return once `job` has logged `steps`
-    training records; the process must still be running then (its stderr and stdout are shown if not)."""
+    training records; the process must still be running then (its stderr and stdout are shown if not, or if
+    `timeout` passes first: the process is then killed)."""
     import time
 
     proc = subprocess.Popen(cmd, cwd=cwd, env=env_, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (job / "metrics.jsonl").is_file() and len(metrics(job)) >= steps:
+    while proc.poll() is None and not ((job / "metrics.jsonl").is_file() and len(metrics(job)) >= steps):
+        if time.time() > deadline:
+            proc.kill()
+            proc.wait()
             break
         time.sleep(0.05)
     if proc.poll() is not None:
         out, err = proc.communicate()
-        raise AssertionError(f"exit {proc.returncode} before {steps} steps\nSTDOUT:\n{out[-3000:]}\nSTDERR:\n{err[-4000:]}")
+        raise AssertionError(f"exit {proc.returncode} before {steps} steps (timeout {timeout} s)\n"
+                             f"STDOUT:\n{out[-3000:]}\nSTDERR:\n{err[-4000:]}")
     return proc
 
 
