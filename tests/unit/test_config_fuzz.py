@@ -200,3 +200,38 @@ def test_problems_reported_in_two_rounds_pure_checks_before_terratorch(tmp_path,
     keys = ["model.backbone_kwargs.img_sz", "model.decoder_kwargs.chanels"]
     assert len(e.value.issues) == 2 and all(any(k in i for i in e.value.issues) for k in keys), e.value.issues
     assert "did you mean 'model.backbone_kwargs.img_size'?" in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, wanted", [
+    (["memory.profile=zero3_nvme"], ["offload_param.nvme_path", "offload_optimizer.nvme_path"]),
+    (["memory.profile=zero3_offload", "memory.optimizer=adamw_8bit"], ["memory.optimizer"]),
+])
+def test_deepspeed_refusals_are_in_the_first_round(overrides, wanted, monkeypatch):
+    """What the run's DeepSpeed set-up would refuse (its JSON rendered, `check_deepspeed`) is found with the pure
+    checks, before the TerraTorch import: the registry checks never run for these."""
+    import trainer.train.validate as validate
+
+    def no_registry(*a, **k):
+        raise AssertionError("registry checks ran although the DeepSpeed config is refused")
+
+    monkeypatch.setattr(validate, "check_model", no_registry)
+    with pytest.raises(ConfigError) as e:
+        load_checked(SHIPPED["demo"], overrides)
+    assert e.value.exit_code == 2 and len(e.value.issues) == len(wanted), e.value.issues
+    assert all(any(w in i for i in e.value.issues) for w in wanted), e.value.issues
+
+
+@pytest.mark.parametrize("overrides", [
+    ["memory.profile=zero3_nvme", "memory.nvme_path=/tmp"],
+    ["memory.profile=full", "memory.optimizer=adamw_8bit"],   # 8-bit states without DeepSpeed are allowed
+    ["memory.profile=auto", "memory.optimizer=adamw_8bit"],   # auto: the planner refuses per candidate later
+])
+def test_accepted_deepspeed_settings_pass_the_first_round(overrides):
+    assert validate_first_round(overrides) == []
+
+
+def validate_first_round(overrides: list[str]) -> list[str]:
+    from trainer.config import load_experiment
+    from trainer.train.validate import deepspeed_problems
+
+    return deepspeed_problems(load_experiment(SHIPPED["demo"], overrides))

@@ -9,7 +9,9 @@ TerraTorch's registries, reported together as one ConfigError (exit 2).
 - necks and decoder by name (NECK_REGISTRY, DECODER_REGISTRY) and their kwargs the same way, head_kwargs
   against the task's TerraTorch head;
 - band names (Prithvi: HLS band names; TerraMind: its pretrained band names), img_size positive and
-  divisible by the patch, a checkpoint.resume path that exists and is complete.
+  divisible by the patch, a checkpoint.resume path that exists and is complete;
+- before those (no TerraTorch needed): the named profile's DeepSpeed JSON, rendered and checked as the run will
+  (`deepspeed_problems`), so an NVMe profile without memory.nvme_path or 8-bit states under ZeRO exit in seconds.
 Cost: the checks take ~0.1 s; importing TerraTorch takes 12-18 s on an idle 2-core machine (33 s measured with
 other jobs running). A valid config does not pay it twice: `terrascale train` builds the model in the same
 process. Unreadable, empty or non-mapping files are refused before that import.
@@ -220,9 +222,34 @@ LATER = ("(the model section is checked against TerraTorch's registries (backbon
          "bands, img_size) once these are fixed)")
 
 
+def deepspeed_problems(exp: Experiment) -> list[str]:
+    """The run's own DeepSpeed refusals for the profile the experiment names, found before anything is imported
+    or built: its JSON rendered with the experiment (`deepspeed.config_for`: "auto" NVMe path without
+    memory.nvme_path, values that disagree with the experiment, keys DeepSpeed rejects) and `check_deepspeed`
+    (ZeRO combinations, 8-bit optimizer states). The run renders and checks again with the same functions once
+    the dataset's length gives the total steps; only a JSON scheduler's "auto" step counts depend on it, and they
+    are never refused, so run.max_steps stands in here. Not for `auto` (the planner chooses the profile later) nor
+    for a `terratorch fit` file (its datamodule gives the batch size the JSON is rendered with)."""
+    from trainer.memory import deepspeed as ds
+    from trainer.memory.profiles import check_deepspeed, precision_for, profile_for
+    from trainer.runtime import cuda_available, world_size
+
+    if exp.terratorch is not None or exp.memory.profile == "auto":
+        return []
+    try:
+        profile = profile_for(exp, exp.memory.profile)
+        on_gpu = profile.deepspeed is not None and exp.run.precision == "auto" and cuda_available()
+        cfg = ds.config_for(exp, profile, precision_for(exp, profile, on_gpu), world_size(), exp.run.max_steps or 1)
+        check_deepspeed(exp, profile, cfg)
+    except ConfigError as e:
+        return e.issues
+    return []
+
+
 def load_checked(path: str | Path | None, overrides: list[str] | None = None) -> Experiment:
     """`load_experiment` plus the registry checks. In two rounds: the checks that need no TerraTorch (the typed
-    config, checkpoint.resume), every problem found raised at once; only if they pass, the registry checks
+    config, checkpoint.resume, the named profile's DeepSpeed config: `deepspeed_problems`), every problem found
+    raised at once; only if they pass, the registry checks
     (backbone, necks, decoder, their kwargs, bands, img_size), again all at once."""
     raw = load_raw(path, overrides)  # unreadable / empty / non-mapping files stop here: nothing else to check
     source = str(path) if path else "defaults"
@@ -233,6 +260,8 @@ def load_checked(path: str | Path | None, overrides: list[str] | None = None) ->
     except ConfigError as e:
         issues += e.issues
     issues += check_resume(_section(raw, "checkpoint"))
+    if not issues:
+        issues += deepspeed_problems(exp)
     if issues:  # reported before the TerraTorch import (12-36 s): most mistakes exit in a few seconds
         raise ConfigError(issues, source=source, note=LATER)
     if exp.terratorch is None:
