@@ -13,25 +13,88 @@ if [ ! -x .venv/bin/python ]; then
 fi
 export TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions" DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 mkdir -p "$TORCH_EXTENSIONS_DIR"
-pip_install() {
-  # (keep pip's byte-compiling: with PYTHONDONTWRITEBYTECODE=1, as on this machine, nothing else writes .pyc and
-  # every later import would compile from source: measured 20.7 s instead of 9-12 s per training process)
+# Packages are installed by uv (pinned in constraints.txt, itself installed by pip): it unpacks and byte-compiles
+# in parallel, so the install takes ~35 s where pip took ~95 s on the 2-core CI machine (the same 157 packages at
+# the same versions). uv does not read pip's configuration: pip's own index settings (`pip config list`: indexes,
+# find-links, constraints, certificate, trusted hosts, timeout) are handed to it, and any other pip setting is named
+# as not passed on. TERRASCALE_INSTALLER=pip installs with pip instead.
+# (bytecode is compiled at install: with PYTHONDONTWRITEBYTECODE=1, as on this machine, nothing else writes .pyc and
+# every later import would compile from source: measured 20.7 s instead of 9-12 s per training process)
+pip_quiet() {
   # (this machine's pip config lists extra local indexes; their "Location ... is ignored" chatter is dropped)
-  .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt "$@" 2>&1 \
-    | { grep -v "^WARNING: Location '.*' is ignored" || true; }
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "[setup] pip install failed"; exit 1; }
+  .venv/bin/pip --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+  return "${PIPESTATUS[0]}"
+}
+uv_settings() {
+  # pip's configuration as uv options, one per line; SSL_CERT_FILE=... / UV_HTTP_TIMEOUT=... lines are environment
+  pip_quiet config list | .venv/bin/python -c '
+import ast, sys
+flag = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
+        "constraint": "--constraint", "trusted-host": "--allow-insecure-host"}
+env = {"cert": "SSL_CERT_FILE", "timeout": "UV_HTTP_TIMEOUT", "default-timeout": "UV_HTTP_TIMEOUT"}
+ignored = {"disable-pip-version-check", "no-cache-dir", "quiet", "verbose", "progress-bar", "root-user-action"}
+seen = set()
+for line in sys.stdin:
+    key, sep, value = line.strip().partition("=")
+    if not sep:
+        continue
+    name = key.rsplit(".", 1)[-1]
+    values = ast.literal_eval(value).split()
+    if name in flag:
+        for v in values:
+            if (name, v) not in seen:
+                seen.add((name, v))
+                print(flag[name]); print(v)
+    elif name == "no-index" and values and values[0].lower() in ("1", "true", "yes", "on"):
+        print("--no-index")
+    elif name in env:
+        print(f"{env[name]}={values[0]}")
+    elif name not in ignored:
+        print(f"[setup] pip setting {key} is not passed on to uv (TERRASCALE_INSTALLER=pip uses it)", file=sys.stderr)
+'
+}
+UV_ARGS=()
+uv_prepare() {
+  export UV_CACHE_DIR=${UV_CACHE_DIR:-$PWD/.venv/uv-cache}  # beside the venv: hard links, not a second copy
+  while IFS= read -r arg; do
+    case "$arg" in
+      SSL_CERT_FILE=*|UV_HTTP_TIMEOUT=*) export "${arg?}" ;;
+      *) UV_ARGS+=("$arg") ;;
+    esac
+  done < <(uv_settings)
+  # pip merges every index it is given and takes the best match; uv's default would stop at the first index
+  UV_ARGS+=(--index-strategy unsafe-best-match --compile-bytecode)
+  if [ ! -x .venv/bin/uv ]; then
+    pip_quiet install --quiet -c constraints.txt uv \
+      || { echo "[setup] could not install uv with pip (TERRASCALE_INSTALLER=pip installs without it)"; exit 1; }
+  fi
+}
+pip_install() {
+  case "${TERRASCALE_INSTALLER:-uv}" in
+    uv)
+      [ ${#UV_ARGS[@]} -gt 0 ] || uv_prepare
+      .venv/bin/uv pip install --quiet --python .venv/bin/python -c constraints.txt "${UV_ARGS[@]}" "$@" \
+        || { echo "[setup] uv pip install failed"; exit 1; } ;;
+    pip)
+      pip_quiet install --quiet -c constraints.txt "$@" || { echo "[setup] pip install failed"; exit 1; } ;;
+    *)
+      echo "[setup] TERRASCALE_INSTALLER=${TERRASCALE_INSTALLER}: give uv (the default) or pip"; exit 2 ;;
+  esac
 }
 
-# DeepSpeed JIT-compiles its CPU ops on first use (30-120 s each); they are built once into a folder the venv owns,
-# in the background, as soon as torch and DeepSpeed are installed, so the compile overlaps the rest of the install.
-# shm_comm (DeepSpeed's CPU communication op, used by every DeepSpeed run) is always built and waited for.
-# async_io (NVMe offload, profile zero3_nvme) is left to its first use (it costs 4-6 min on one core) unless
-# TERRASCALE_BUILD_AIO=background (what .ci/run sets): then it goes on compiling, on one core, after setup returns;
-# a run that needs the op meanwhile waits for torch's build lock, then loads it.
+# DeepSpeed JIT-compiles its CPU ops on first use (30 s to 6 min each); they are built once into a folder the venv
+# owns, in the background, as soon as torch and DeepSpeed are installed, so the compile overlaps the rest of the
+# install:
+# - shm_comm (DeepSpeed's CPU communication op, used by every DeepSpeed run): always built, and waited for;
+# - async_io (NVMe offload, profile zero3_nvme): left to its first use (4-6 min on one core).
+# TERRASCALE_OPS=background (what .ci/run sets) builds both and waits for neither: they go on compiling, one core
+# each, after setup returns; a run that needs an op meanwhile waits for torch's build lock, then loads it.
+BACKGROUND_OPS=$([ "${TERRASCALE_OPS:-}" = background ] && echo 1 || true)
+building() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 start_op_builds() {
-  if [ ! -f .venv/.ds-ops-built ]; then
-    echo "[setup] building DeepSpeed's CPU communication op in the background"
-    MAX_JOBS=1 .venv/bin/python - > .venv/torch_extensions/shm_comm.log 2>&1 <<'PY' &
+  if [ ! -f .venv/.ds-ops-built ] && ! building .venv/.ds-shm-building; then
+    echo "[setup] building DeepSpeed's CPU communication op in the background (log: .venv/torch_extensions/shm_comm.log)"
+    MAX_JOBS=1 nohup .venv/bin/python -c '
 import pathlib
 from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
@@ -42,11 +105,11 @@ if builder.is_compatible(verbose=False):
 else:
     print(f"[ops] {builder.name} not buildable here (skipped)")
 pathlib.Path(".venv/.ds-ops-built").touch()
-PY
+' > .venv/torch_extensions/shm_comm.log 2>&1 < /dev/null &
     shm_pid=$!
+    echo "$shm_pid" > .venv/.ds-shm-building
   fi
-  if [ "${TERRASCALE_BUILD_AIO:-}" = background ] && [ ! -f .venv/.ds-aio-built ] \
-     && ! { [ -f .venv/.ds-aio-building ] && kill -0 "$(cat .venv/.ds-aio-building)" 2>/dev/null; }; then
+  if [ -n "$BACKGROUND_OPS" ] && [ ! -f .venv/.ds-aio-built ] && ! building .venv/.ds-aio-building; then
     echo "[setup] building DeepSpeed's async_io op in the background (log: .venv/torch_extensions/async_io.log)"
     MAX_JOBS=1 nohup .venv/bin/python -c '
 import pathlib, sys, time
@@ -89,9 +152,11 @@ fi
 # `accelerate launch` passes training's exit code and SIGTERM/SIGINT through only with terrascale's launcher hook
 # (a .pth file in the venv; trainer/launch_hook.py says what it does). Cheap and idempotent: always checked.
 .venv/bin/python -m trainer.launch_hook install
-if [ -n "$shm_pid" ]; then
+if [ -n "$shm_pid" ] && [ -z "$BACKGROUND_OPS" ]; then
   # not fatal (DeepSpeed then communicates without it, slower), but said, and retried by the next setup
   wait "$shm_pid" || echo "[setup] WARNING: DeepSpeed's CPU communication op did not build: see .venv/torch_extensions/shm_comm.log"
   grep -h "^\[ops\]" .venv/torch_extensions/shm_comm.log || true
+elif [ -n "$shm_pid" ]; then
+  echo "[setup] DeepSpeed's ops go on compiling in the background; a DeepSpeed run started meanwhile waits for them"
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'from importlib.metadata import version as v; print(" | ".join(f"{p} {v(p)}" for p in ("torch", "deepspeed", "accelerate", "terratorch")))')"

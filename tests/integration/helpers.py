@@ -43,9 +43,11 @@ def train_cmd(overrides: list[str], nproc: int = 1, config: str | Path = ROOT / 
 # lightly, torch; Lightning's seed_everything): a launch from a shell would not see those, and each new one would
 # give the launches another environment, hence another warm zygote (15-20 s of imports each).
 _SESSION_ENV = dict(os.environ)
-IMPORT_SIDE_EFFECTS = ("KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "LD_LIBRARY_PATH", "LIGHTLY_DID_VERSION_CHECK",
+IMPORT_SIDE_EFFECTS = ("GDAL_CURL_CA_BUNDLE", "PROJ_CURL_CA_BUNDLE",  # rasterio
+                       "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "LD_LIBRARY_PATH", "LIGHTLY_DID_VERSION_CHECK",
                        "NO_ALBUMENTATIONS_UPDATE", "PYTORCH_NVML_BASED_CUDA_CHECK", "TORCH_CUDNN_V8_API_DISABLED",
-                       "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+                       "PL_GLOBAL_SEED", "PL_SEED_WORKERS",
+                       "TORCHINDUCTOR_CACHE_DIR")  # torch._inductor, set to its default /tmp/torchinductor_<user>
 
 
 def env() -> dict[str, str]:
@@ -85,7 +87,7 @@ def run_python(args: list[str], cwd: str | Path = ROOT, timeout: float = 600, en
 
 
 def wait_for_background_ops(limit: float = 1800) -> None:
-    """Wait for the async_io build `.ci/run` starts in the background (launch/setup.sh, TERRASCALE_BUILD_AIO), so
+    """Wait for the async_io build `.ci/run` starts in the background (launch/setup.sh, TERRASCALE_OPS), so
     that a test needing the op does not spend its own timeout on the compile."""
     import time
 
