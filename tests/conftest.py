@@ -7,6 +7,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+# imported now, before any test module imports a library: it keeps the session's environment as it started
+# (helpers.env(): the launches' environment, the same in pytest-xdist's controller and in each of its workers)
+from tests.integration import helpers as _helpers  # noqa: E402,F401
 
 
 @pytest.fixture
@@ -14,9 +17,20 @@ def root() -> Path:
     return ROOT
 
 
+def _runs_integration(config) -> bool:
+    """Whether the command line names the integration tests (or a folder holding them)."""
+    integration = ROOT / "tests" / "integration"
+    for arg in config.args:
+        path = Path(arg.split("::")[0]).resolve()
+        if path == integration or integration in path.parents or path in integration.parents:
+            return True
+    return False
+
+
 def pytest_collection_finish(session):
     """Start the warm zygote of the integration tests (tests/integration/warm.py) now, so its imports overlap the
-    unit tests instead of delaying the first training launch."""
+    first tests instead of delaying the first warm launch (under pytest-xdist the controller has already started
+    the workers' shared one: `warm.share`, and this does nothing)."""
     if any("integration" in item.nodeid.split("/")[:2] for item in session.items):
         from tests.integration import helpers, warm
 
@@ -33,9 +47,11 @@ LONGEST_FIRST = ("test_sweep.py", "test_multinode.py", "test_train_resume.py", "
                  "test_planner_validation.py", "test_bench_report.py", "test_tasks_e2e.py")
 
 
-# ... and these last: the zero3_nvme run needs DeepSpeed's async_io op, which `.ci/run` compiles beside the tests
-# (4-6 min); collected first, it would hold a worker waiting for the compile.
-LAST = ("test_profile_nvme.py",)
+# ... and these after the other integration files, before the unit tests: the zero3_nvme run needs DeepSpeed's
+# async_io op, which `.ci/run` compiles beside the tests (4-6 min); collected first, it would hold a worker waiting
+# for the compile, and collected last it would run alone while the other worker idles. The unit tests (many short
+# files) then even out the two workers' ends.
+AFTER_INTEGRATION = ("test_profile_nvme.py",)
 
 
 def pytest_configure(config):
@@ -43,6 +59,12 @@ def pytest_configure(config):
     # --loadscope-reorder): a one-test 90-second file then runs last, alone. Keep the order below.
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
+    # pytest-xdist's controller, before it starts its workers: one warm zygote for both (each would otherwise
+    # import torch/DeepSpeed/TerraTorch for its own, 15-20 s of CPU apiece)
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput") and _runs_integration(config):
+        from tests.integration import helpers, warm
+
+        warm.share(helpers.env())
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -50,7 +72,7 @@ def pytest_collection_modifyitems(session, config, items):
 
     def key(item) -> int:
         if item.path.parent.name != "integration":
-            return len(rank)
-        return len(rank) + 1 if item.path.name in LAST else rank.get(item.path.name, len(rank))
+            return len(rank) + 2
+        return len(rank) + 1 if item.path.name in AFTER_INTEGRATION else rank.get(item.path.name, len(rank))
 
     items.sort(key=key)  # stable: the rest keep pytest's order

@@ -91,7 +91,9 @@ def test_a_zygote_whose_socket_was_removed_is_replaced_aloud(tmp_path, capsys):
     """Seen in CI: another process cleaned /tmp under a running session, and every later warm launch failed."""
     import shutil
 
-    e = {**env(), "WARM_PROBE": PROBE_ENV}  # not the session's zygote: that one stays untouched
+    # not the session's zygote (that one stays untouched), and one that preloads nothing: what is tested here is
+    # the replacement, not the imports (two zygotes' worth of them would cost 30-40 s of CPU)
+    e = {**env(), "WARM_PROBE": PROBE_ENV, warm.PRELOAD_ENV: ""}
     cmd = [sys.executable, str(PROBE), "5"]
     assert warm.run(cmd, tmp_path, e, timeout=300).returncode == 5
     old = warm._zygotes[warm._key(e)]

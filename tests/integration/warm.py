@@ -47,7 +47,14 @@ PRELOAD = ("torch", "numpy", "deepspeed", "accelerate", "terratorch", "transform
 # change per test / per rank; read by nothing at import time (so every rank of a launch forks from one zygote)
 RANK_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
              "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
-VOLATILE = ("PYTEST_CURRENT_TEST", *RANK_KEYS)
+# The zygote the pytest-xdist controller starts for its workers (`share`): "<key> <pid> <socket>", inherited by them.
+SHARED = "TERRASCALE_TEST_ZYGOTE"
+# Which modules a zygote imports: PRELOAD unless this names others (comma-separated; empty: none). For tests of
+# the zygote machinery itself, which need a zygote but not its 15-20 s of imports.
+PRELOAD_ENV = "TERRASCALE_TEST_WARM_PRELOAD"
+# (pytest-xdist's workers also have COLUMNS/LINES, which the controller has not: read when printing, not importing)
+VOLATILE = ("PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID",
+            "COLUMNS", "LINES", SHARED, *RANK_KEYS)
 READY = b"ready\n"
 
 
@@ -202,7 +209,8 @@ def _monitor(conn: socket.socket, req: dict, fds: list[int]) -> None:
 def serve(path: str) -> None:
     # Imports write their warnings here, once, to the zygote's stderr (the caller's log file).
     t0 = time.time()
-    for name in PRELOAD:
+    preload = PRELOAD if PRELOAD_ENV not in os.environ else [m for m in os.environ[PRELOAD_ENV].split(",") if m]
+    for name in preload:
         try:
             __import__(name)
         except ImportError as e:
@@ -217,6 +225,7 @@ def serve(path: str) -> None:
     print(f"[warm] ready in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     sys.stdout.buffer.write(READY)
     sys.stdout.flush()
+    Path(path + ".ready").touch()  # for the clients that are not its parent (`_Shared`)
     while True:
         try:  # reap finished monitors
             while os.waitpid(-1, os.WNOHANG)[0]:
@@ -266,30 +275,75 @@ class _Zygote:
             print(f"[warm] zygote failed; see {self.log.name}", file=sys.stderr)
         return self._ready
 
+    def gone(self) -> str | None:
+        """Why this zygote can no longer serve (it died, or its socket was removed under it), or None."""
+        if self.proc.poll() is not None or not os.path.exists(self.sock):
+            return (f"zygote {self.proc.pid} gone (exit {self.proc.poll()}, socket {self.sock} "
+                    f"{'present' if os.path.exists(self.sock) else 'missing'})")
+        return None
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        if self._ready:  # a failed zygote keeps its log for the message that named it
+        if self._ready or os.path.exists(self.sock + ".ready"):  # a failed one keeps its log for the message
             import shutil
 
             self.log.close()
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-_zygotes: dict[str, _Zygote] = {}
+class _Shared:
+    """A zygote another process of this session started and owns (the xdist controller: `share`), as a worker sees
+    it: its socket, and its pid to tell whether it is still there."""
+
+    def __init__(self, pid: int, sock: str):
+        self.pid, self.sock = pid, sock
+
+    def _alive(self) -> bool:
+        return Path(f"/proc/{self.pid}").exists()
+
+    def wait_ready(self, timeout: float = 600) -> bool:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.sock + ".ready"):
+            if not self._alive() or time.monotonic() > deadline:
+                print(f"[warm] the session's shared zygote {self.pid} did not come up", file=sys.stderr)
+                return False
+            time.sleep(0.2)
+        return True
+
+    def gone(self) -> str | None:
+        """As `_Zygote.gone`; a zygote still importing (no socket yet) is not gone: `wait_ready` waits for it."""
+        if not self._alive() or (os.path.exists(self.sock + ".ready") and not os.path.exists(self.sock)):
+            return (f"shared zygote {self.pid} gone ({'alive' if self._alive() else 'exited'}, socket {self.sock} "
+                    f"{'present' if os.path.exists(self.sock) else 'missing'})")
+        return None
+
+    def close(self) -> None:  # its owner closes it
+        pass
+
+
+_zygotes: dict[str, _Zygote | _Shared] = {}
 
 
 def _key(env: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps({k: v for k, v in sorted(env.items()) if k not in VOLATILE}).encode()).hexdigest()
 
 
-def zygote(env: dict[str, str]) -> _Zygote | None:
-    z = _zygotes.get(k := _key(env))
-    if z is not None and z._ready and (z.proc.poll() is not None or not os.path.exists(z.sock)):
+def _shared(key: str) -> _Shared | None:
+    """The controller's zygote, if it was started for this environment."""
+    shared_key, pid, sock = (os.environ.get(SHARED) or "- 0 -").split(" ", 2)
+    return _Shared(int(pid), sock) if shared_key == key else None
+
+
+def zygote(env: dict[str, str]) -> _Zygote | _Shared | None:
+    k = _key(env)
+    if k not in _zygotes and (shared := _shared(k)) is not None:
+        _zygotes[k] = shared
+    z = _zygotes.get(k)
+    if z is not None and (isinstance(z, _Shared) or z._ready) and (why := z.gone()):  # (once it was ready)
         # died, or its socket was removed under it (a /tmp clean-up by another process): a new one, said aloud
-        print(f"[warm] zygote {z.proc.pid} gone (exit {z.proc.poll()}, socket {z.sock} "
-              f"{'present' if os.path.exists(z.sock) else 'missing'}): starting a new one", file=sys.stderr)
+        print(f"[warm] {why}: starting a new one", file=sys.stderr)
         z.close()
         z = None
     if z is None:
@@ -305,8 +359,17 @@ def _close_all() -> None:
 
 def prestart(env: dict[str, str]) -> None:
     """Start importing in the background now (e.g. at session start); the first launch then waits less."""
-    if enabled() and _key(env) not in _zygotes:
+    if enabled() and _key(env) not in _zygotes and _shared(_key(env)) is None:
         _zygotes[_key(env)] = _Zygote(env)
+
+
+def share(env: dict[str, str]) -> None:
+    """Start the zygote for `env` in this process (pytest-xdist's controller, before it starts its workers) and
+    name it in os.environ, so that the workers, which inherit that, fork from it instead of starting one each
+    (15-20 s of imports on a 2-core machine). Closed when this process exits."""
+    if enabled() and _key(env) not in _zygotes:
+        z = _zygotes[_key(env)] = _Zygote(env)
+        os.environ[SHARED] = f"{_key(env)} {z.proc.pid} {z.sock}"
 
 
 def _servable(argv: list[str]) -> bool:
