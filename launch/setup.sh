@@ -15,9 +15,9 @@ export TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions" DS_ACCELERATOR=${DS_AC
 mkdir -p "$TORCH_EXTENSIONS_DIR"
 # Packages are installed by uv (pinned in constraints.txt, itself installed by pip): it unpacks and byte-compiles
 # in parallel, so the install takes ~36 s where pip took ~96 s on the 2-core CI machine (the same 157 packages at
-# the same versions; about the same CPU, on both cores). uv does not read pip's configuration: pip's own index settings (`pip config list`: indexes,
-# find-links, constraints, certificate, trusted hosts, timeout) are handed to it, and any other pip setting is named
-# as not passed on. TERRASCALE_INSTALLER=pip installs with pip instead.
+# the same versions; about the same CPU, on both cores). uv does not read pip's configuration: pip's own index
+# settings (`pip config list`: indexes, find-links, constraints, certificate, trusted hosts, timeout) are handed to
+# it, and any other pip setting is named as not passed on. TERRASCALE_INSTALLER=pip installs with pip instead.
 # (bytecode is compiled at install: with PYTHONDONTWRITEBYTECODE=1, as on this machine, nothing else writes .pyc and
 # every later import would compile from source: measured 20.7 s instead of 9-12 s per training process)
 pip_quiet() {
@@ -139,7 +139,8 @@ stamp=.venv/.terrascale-installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing (torch/torchvision pinned by constraints.txt; 1-2 min on a fresh machine)"
-  # The constraints file stops pip from swapping torch for another build while resolving DeepSpeed/TerraTorch.
+  # The constraints file stops the resolver (uv or pip) from swapping torch for another build while resolving
+  # DeepSpeed/TerraTorch.
   # torch and DeepSpeed first (DeepSpeed's requirement as pyproject.toml states it), so the ops compile meanwhile.
   deepspeed_req=$("$PY" -c 'import tomllib; print(next(d for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if d.startswith("deepspeed")))')
   pip_install "$(grep -m1 '^torch==' constraints.txt)" "$deepspeed_req"
