@@ -276,8 +276,9 @@ class _Zygote:
         return self._ready
 
     def gone(self) -> str | None:
-        """Why this zygote can no longer serve (it died, or its socket was removed under it), or None."""
-        if self.proc.poll() is not None or not os.path.exists(self.sock):
+        """Why this zygote can no longer serve (it died, or its socket was removed under it), or None. One that never
+        came up is not "gone": `wait_ready` reports it."""
+        if self._ready and (self.proc.poll() is not None or not os.path.exists(self.sock)):
             return (f"zygote {self.proc.pid} gone (exit {self.proc.poll()}, socket {self.sock} "
                     f"{'present' if os.path.exists(self.sock) else 'missing'})")
         return None
@@ -341,7 +342,7 @@ def zygote(env: dict[str, str]) -> _Zygote | _Shared | None:
     if k not in _zygotes and (shared := _shared(k)) is not None:
         _zygotes[k] = shared
     z = _zygotes.get(k)
-    if z is not None and (isinstance(z, _Shared) or z._ready) and (why := z.gone()):  # (once it was ready)
+    if z is not None and (why := z.gone()):
         # died, or its socket was removed under it (a /tmp clean-up by another process): a new one, said aloud
         print(f"[warm] {why}: starting a new one", file=sys.stderr)
         z.close()
