@@ -62,6 +62,15 @@ def message(directory: Path, need: int, free: int) -> str:
             "on a larger disk) and re-run the same command to continue")
 
 
+def write_failed(err: OSError, directory: Path | None = None) -> DiskFullError:
+    """A full disk outside a checkpoint save (the job's config, metrics, export, a prediction): one clear error
+    naming the file when the OS names it (a failed open), else the directory being written into."""
+    where = f" writing {err.filename}" if err.filename else f" writing into {directory}" if directory else ""
+    return DiskFullError(f"no space left on device{where}. A checkpoint counts only once it is complete, so the newest "
+                         "complete one is intact: free space (or set checkpoint.dir on a larger disk) and re-run the "
+                         "same command")
+
+
 def is_disk_full(err: BaseException) -> bool:
     """ENOSPC anywhere in the chain, or torch's zip writer failing on a short write (it reports 'unexpected pos'
     without the errno, e.g. under DeepSpeed's save)."""

@@ -169,3 +169,36 @@ def test_install_writes_the_pth_once(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     time.sleep(0.01)
     assert launch_hook.install().stat().st_mtime_ns == mtime
+
+
+def test_full_disk_outside_a_save_is_one_clear_error_and_exit_3(small_disk, monkeypatch, capsys):
+    """ENOSPC while the job's config is written (stop 20's CI: a traceback and exit 1) goes through the same exit
+    code and kind of message as a full disk during a save, and leaves no config.yaml."""
+    from trainer import cli
+    from trainer.config import DEMO_CONFIG
+    from trainer.train import run
+
+    job = small_disk / "job"
+    job.mkdir()
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # fill the tmpfs to its last byte
+        with pytest.raises(OSError) as full:
+            while True:
+                f.write(b"\0" * 4096)
+    assert full.value.errno == errno.ENOSPC
+    monkeypatch.setattr(run, "main", lambda exp, stop: run.freeze_config(exp, job) or 0)
+    code = cli.main(["train", "--config", str(DEMO_CONFIG), f"checkpoint.dir={job}"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert f"terrascale: error: no space left on device writing into {job}. A checkpoint counts only" in err
+    assert "Traceback" not in err and not (job / "config.yaml").exists()
+    # a command other than train, where the OS names the file (as a failed open does): that file, same exit code
+    def stats(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(job / "stats.json"))
+
+    monkeypatch.setattr(cli, "_stats", stats)
+    assert cli.main(["stats", "--config", str(DEMO_CONFIG)]) == 3
+    assert f"no space left on device writing {job / 'stats.json'}. " in capsys.readouterr().err
+    # any other OSError is not hidden behind that message
+    monkeypatch.setattr(run, "main", lambda exp, stop: (_ for _ in ()).throw(PermissionError(13, "denied", "x")))
+    with pytest.raises(PermissionError):
+        cli.main(["train", "--config", str(DEMO_CONFIG), f"checkpoint.dir={job}"])

@@ -28,7 +28,14 @@ def _train(args: argparse.Namespace) -> int:
         exp = load_checked(args.config, args.overrides)  # before trainer.train.run's imports (torch, accelerate)
         from trainer.train.run import main
 
-        return main(exp, stop)
+        try:
+            return main(exp, stop)
+        except OSError as e:  # a full disk outside a checkpoint save: said with the job dir it was writing into
+            from trainer import diskspace
+
+            if diskspace.is_disk_full(e):
+                raise diskspace.write_failed(e, exp.job_dir) from e
+            raise
     finally:
         stop.uninstall()
 
@@ -195,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     except TerrascaleError as e:
         report_error(e)
         return e.exit_code
+    except OSError as e:  # a full disk in any command: the same message and exit code as during a save
+        from trainer import diskspace
+
+        if not diskspace.is_disk_full(e):
+            raise
+        err = diskspace.write_failed(e)
+        report_error(err)
+        return err.exit_code
     except KeyboardInterrupt:  # the second Ctrl-C: abort now; a save it cut short stays an ignored .tmp
         report_error(TerrascaleError("aborted by a second interrupt; the newest complete checkpoint is intact"))
         return EXIT_ABORTED
