@@ -121,6 +121,17 @@ def precision_for(exp: Experiment, profile: Profile, on_gpu: bool) -> str:
     return profile.dtype if on_gpu else "fp32"
 
 
+_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def compute_dtype(precision: str):
+    """The torch dtype a precision (run.precision's values, or what `precision_for` returns) computes in: the run's
+    backbone load and casts and the planner's traces both take it from here."""
+    import torch  # here, not at the top: the profile rules stay importable without torch
+
+    return getattr(torch, _TORCH_DTYPES[precision])
+
+
 def check_combination(p: Profile, zero_stage: int, offloads: dict[str, str]) -> None:
     """Refuse the combinations known to be bad, each with the reason. All problems at once."""
     problems = []

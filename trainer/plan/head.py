@@ -22,8 +22,9 @@ from torch import nn
 
 from trainer.config import Experiment
 from trainer.errors import PlanError
+from trainer.memory.profiles import compute_dtype
 from trainer.plan import plan_cache
-from trainer.plan.workload import DTYPES, InputShape, TraceMode, package_version, count_params, input_dtype, \
+from trainer.plan.workload import InputShape, TraceMode, package_version, count_params, input_dtype, \
     prepare_for_trace
 
 
@@ -89,7 +90,7 @@ def _trace_with_loss(exp, model, shape, mode, fake, extra_inputs=()) -> dict:
         return (shape.example(input_dtype(mode)),)
 
     t = trace_step(model, inputs, lambda out: loss(out, holder["y"]),
-                   autocast=DTYPES[mode.precision] if mode.autocast else None, fake_mode=fake)
+                   autocast=compute_dtype(mode.precision) if mode.autocast else None, fake_mode=fake)
     return dict(peak=t.peak, peak_with_grads=t.peak_with_grads, after_forward=t.after_forward, flops=t.flops)
 
 

@@ -25,10 +25,9 @@ from torch import nn
 from trainer.backbones import catalog
 from trainer.config import Experiment
 from trainer.errors import ConfigError, PlanError
-from trainer.memory.profiles import Profile
+from trainer.memory.profiles import Profile, compute_dtype
 from trainer.plan import plan_cache
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OWN_FAMILIES = (*catalog.VLM_FAMILIES, "granite_hybrid", "satmae")
 # Build-time kwargs of `factory.build_backbone` that do not reach the backbone class.
@@ -292,7 +291,7 @@ def prepare_for_trace(model: nn.Module, mode: TraceMode, backbone: nn.Module | N
     from trainer.plan.trace import add_trace_lora_, set_dtype_
 
     backbone = model if backbone is None else backbone
-    dtype = DTYPES[mode.precision]
+    dtype = compute_dtype(mode.precision)
     if mode.inference:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -318,7 +317,7 @@ def prepare_for_trace(model: nn.Module, mode: TraceMode, backbone: nn.Module | N
 
 def input_dtype(mode: TraceMode) -> torch.dtype:
     # trainer.train.run feeds bf16 batches only when DeepSpeed runs in bf16 (Job.input_dtype)
-    return torch.float32 if mode.autocast else DTYPES[mode.precision]
+    return torch.float32 if mode.autocast else compute_dtype(mode.precision)
 
 
 def _trace_own(b: OwnBackbone, depths: dict[str, int], mode: TraceMode, shape: InputShape) -> dict[str, Any]:
@@ -334,7 +333,7 @@ def _trace_own(b: OwnBackbone, depths: dict[str, int], mode: TraceMode, shape: I
     if mode.inference:
         t = trace_forward(model, lambda: (torch.randn(*shape.tensor(), dtype=x_dtype),), fake_mode=fake)
         return dict(peak=t["peak"], flops=t["flops"], outputs=[[list(s), d] for s, d in t["outputs"]])
-    amp = DTYPES[mode.precision] if mode.autocast else None
+    amp = compute_dtype(mode.precision) if mode.autocast else None
     t = trace_step(model, lambda: (torch.randn(*shape.tensor(), dtype=x_dtype),), autocast=amp, fake_mode=fake)
     return dict(peak=t.peak, peak_with_grads=t.peak_with_grads, after_forward=t.after_forward, flops=t.flops,
                 outputs=[[list(shape), dtype] for shape, dtype in t.outputs])

@@ -15,15 +15,12 @@ import torch
 
 from trainer.config import Experiment
 from trainer.memory import deepspeed as ds
-from trainer.memory.profiles import Profile
+from trainer.memory.profiles import Profile, compute_dtype
 from trainer.plan.auto import DEFAULT_GPU
 from trainer.train.checkpoint import has_frozen_parameters
 from trainer.train.trackers import offline_env, select_trackers
 
 log = logging.getLogger("terrascale")
-
-COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def deepspeed_bf16(ds_config: dict | None, precision: str) -> bool:
     """The whole model (and so its inputs) is cast to bf16: DeepSpeed in bf16 does not cast fp32 buffers (Prithvi's
@@ -36,7 +33,7 @@ def load_spec(exp: Experiment, profile: Profile, precision: str, zero_stage: int
     """How the backbone checkpoint is placed for this run (trainer.backbones.stream.LoadSpec)."""
     from trainer.backbones.stream import LoadSpec
 
-    compute = COMPUTE_DTYPE[precision]
+    compute = compute_dtype(precision)
     quantized = profile.quantization != "none"
     zero3 = zero_stage == 3 and not quantized  # transformers never zero.Inits a quantized model either
     local = int(os.environ.get("LOCAL_RANK", "0"))

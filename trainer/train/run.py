@@ -13,11 +13,11 @@ from trainer.train.checkpoint import (Progress, StopRequest, drop_frozen_weights
 from trainer.config import Experiment, dump_experiment
 from trainer.errors import ConfigError
 from trainer.memory import deepspeed as ds
-from trainer.memory.profiles import check_deepspeed, precision_for, profile_for
+from trainer.memory.profiles import check_deepspeed, compute_dtype, precision_for, profile_for
 from trainer.train.export import export_job, export_metadata
 from trainer.train.report import MetricsLog, plot_curves
 from trainer.train.trackers import hparams, init_kwargs, select_trackers
-from trainer.train.job import COMPUTE_DTYPE, Job, announce_auto, deepspeed_bf16, load_spec, make_accelerator
+from trainer.train.job import Job, announce_auto, deepspeed_bf16, load_spec, make_accelerator
 from trainer.train.universal import load_universal, needs_universal, with_load_universal
 
 log = logging.getLogger("terrascale")
@@ -182,7 +182,7 @@ def _model(exp: Experiment, profile, precision: str, stage: int, has_cuda: bool,
 
     set_seed(exp.run.seed)
     task = build_task(exp, load_spec(exp, profile, precision, stage, has_cuda))  # model, criterion, metrics
-    model = task.model = apply_profile(task.model, profile, COMPUTE_DTYPE[precision], stage)
+    model = task.model = apply_profile(task.model, profile, compute_dtype(precision), stage)
     if deepspeed_bf16(ds_config, precision):
         model = model.to(torch.bfloat16)
     return task, model

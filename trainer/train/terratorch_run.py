@@ -26,7 +26,7 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     from accelerate.utils import set_seed
 
     from trainer.memory import deepspeed as ds
-    from trainer.memory.profiles import check_deepspeed, no_backbone_refusal, precision_for, profile_for
+    from trainer.memory.profiles import check_deepspeed, compute_dtype, no_backbone_refusal, precision_for, profile_for
     from trainer.model import terratorch_task as T
     from trainer.model.fitting import apply_profile
     from trainer.plan.terratorch_plan import resolve_auto
@@ -85,7 +85,7 @@ def setup(exp: Experiment, universal: bool = False, resuming: bool = False):
     path = T.backbone_path(model)
     if problem := no_backbone_refusal(profile, T.missing_backbone(model)):
         raise ConfigError([problem], source=spec.source)
-    model = apply_profile(model, profile, J.COMPUTE_DTYPE[precision], stage, encoder_path=path or "encoder")
+    model = apply_profile(model, profile, compute_dtype(precision), stage, encoder_path=path or "encoder")
     built.task.model = model
     if J.deepspeed_bf16(ds_config, precision):
         model = model.to(torch.bfloat16)
