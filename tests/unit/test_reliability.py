@@ -199,6 +199,9 @@ def test_full_disk_outside_a_save_is_one_clear_error_and_exit_3(small_disk, monk
     assert cli.main(["stats", "--config", str(DEMO_CONFIG)]) == 3
     assert f"no space left on device writing {job / 'stats.json'}. " in capsys.readouterr().err
     # any other OSError is not hidden behind that message
-    monkeypatch.setattr(run, "main", lambda exp, stop: (_ for _ in ()).throw(PermissionError(13, "denied", "x")))
+    def denied(exp, stop):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(job / "config.yaml.tmp"))
+
+    monkeypatch.setattr(run, "main", denied)
     with pytest.raises(PermissionError):
         cli.main(["train", "--config", str(DEMO_CONFIG), f"checkpoint.dir={job}"])

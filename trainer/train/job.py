@@ -22,6 +22,7 @@ from trainer.train.trackers import offline_env, select_trackers
 
 log = logging.getLogger("terrascale")
 
+
 def deepspeed_bf16(ds_config: dict | None, precision: str) -> bool:
     """The whole model (and so its inputs) is cast to bf16: DeepSpeed in bf16 does not cast fp32 buffers (Prithvi's
     pos_embed). Without DeepSpeed, Accelerate keeps fp32 weights and autocasts (the planner traces the same:
