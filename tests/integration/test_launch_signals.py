@@ -35,8 +35,20 @@ def start(cmd: list[str]) -> subprocess.Popen:
 
 
 def trainers(launcher: subprocess.Popen) -> list[psutil.Process]:
-    return [c for c in psutil.Process(launcher.pid).children()
-            if any("launch/train.py" in a for a in c.cmdline())]
+    """The launcher's training processes. A child still showing the launcher's own command line is a fork not yet
+    exec'd (the launcher's `ldconfig -p` at import, or the trainer a moment before exec): not training. Taking one
+    for the trainer once sent SIGTERM to a launcher still importing, which rightly died of it (a CI run)."""
+    parent = psutil.Process(launcher.pid)
+    own = parent.cmdline()
+    found = []
+    for c in parent.children():
+        try:
+            cmdline = c.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if cmdline != own and any(a.endswith("launch/train.py") for a in cmdline):
+            found.append(c)
+    return found
 
 
 def wait_for(cond, what: str, timeout: float = 400) -> None:
