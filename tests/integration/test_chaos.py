@@ -3,20 +3,18 @@ each survived, and the final export bitwise equal to a straight run's."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.integration.helpers import ROOT, env
+from tests.integration.helpers import ROOT, run_python
 
 
 @pytest.mark.slow
 def test_three_kills_leave_a_bitwise_equal_export(tmp_path):
     out = tmp_path / "bench"
-    r = subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), "chaos", "memory.profile=full",
-                        "run.max_steps=8", "--kills", "3", "--seed", "1", "--out", str(out)],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1500)
+    # the bench as a warm child: the runs it kills are real `python -m trainer train` processes
+    r = run_python([ROOT / "launch/bench.py", "chaos", "memory.profile=full", "run.max_steps=8", "--kills", "3",
+                    "--seed", "1", "--out", out], timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     doc = json.loads((out / "chaos.json").read_text())
     assert doc["kills_delivered"] == doc["kills_survived"] == 3, doc["problems"]

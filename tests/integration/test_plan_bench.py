@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
-from tests.integration.helpers import ROOT, env
+from tests.integration.helpers import ROOT, run_python
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), "planner", *args], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=600)
+    # the bench as a warm child: each row it times is its own real `launch/plan.py` process
+    return run_python([ROOT / "launch/bench.py", "planner", *args], timeout=600)
 
 
 def test_planner_bench_times_a_real_plan_and_writes_results(tmp_path):

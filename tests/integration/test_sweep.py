@@ -7,13 +7,12 @@ import csv
 import io
 import json
 import signal
-import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tests.integration.helpers import ROOT, TINY, env, metrics, start_until_training
+from tests.integration.helpers import ROOT, TINY, env, metrics, run_python, start_until_training
 
 
 @pytest.mark.slow
@@ -42,7 +41,8 @@ def test_matrix_sweep_failure_stop_resume_skip(tmp_path):
     assert state["full"]["status"] == "interrupted"
     assert len(list((full / "checkpoints").iterdir())) == 1
 
-    r = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    # the re-runs: the sweep as a warm child (its jobs are still real `launch/train.py` processes)
+    r = run_python(cmd[1:], cwd=tmp_path, timeout=600)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # 1: a job failed
     assert "full: running (resuming)" in r.stdout and "full: done" in r.stdout
     assert "resumed from" in (full / "sweep.stderr.log").read_text()
@@ -57,6 +57,6 @@ def test_matrix_sweep_failure_stop_resume_skip(tmp_path):
     assert "| full | full | done | 30 |" in md and "## zero3_nvme: failed (exit code 2)" in md
 
     log_size = (full / "sweep.stderr.log").stat().st_size
-    r = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    r = run_python(cmd[1:], cwd=tmp_path, timeout=600)
     assert r.returncode == 1 and "full: finished earlier, skipped" in r.stdout, r.stdout[-3000:]
     assert (full / "sweep.stderr.log").stat().st_size == log_size
