@@ -79,11 +79,21 @@ def test_unknown_preset_lists_presets():
         ds.resolve_path("zero9")
 
 
-def test_offloaded_optimizer_allows_torch_fused_adam():
-    raw, _ = ds.load_json("zero3_bf16_offload_all")
-    cfg = ds.render(raw, FACTS)
+@pytest.mark.parametrize("preset, device", [("zero3_bf16_offload_all", "cpu"), ("zero3_bf16_nvme", "nvme")])
+def test_offloaded_optimizer_allows_torch_fused_adam(preset, device):
+    """Offloaded to CPU or to NVMe, the states step with torch's fused AdamW: without the flag Accelerate swaps it
+    for DeepSpeedCPUAdam (a JIT compile) and DeepSpeed refuses it."""
+    raw, _ = ds.load_json(preset)
+    cfg = ds.render(raw, dataclasses.replace(FACTS, nvme_path="/tmp/nvme"))
     assert cfg["zero_force_ds_cpu_optimizer"] is False
-    assert ds.offloads(cfg) == {"param": "cpu", "optimizer": "cpu"}
+    assert ds.offloads(cfg) == {"param": device, "optimizer": device}
+
+
+def test_a_json_with_its_own_optimizer_keeps_deepspeeds_choice():
+    raw, _ = ds.load_json("zero3_bf16_nvme")
+    raw["optimizer"] = {"type": "AdamW", "params": {"lr": "auto"}}
+    cfg = ds.render(raw, dataclasses.replace(FACTS, nvme_path="/tmp/nvme"))
+    assert "zero_force_ds_cpu_optimizer" not in cfg
 
 
 @pytest.mark.parametrize("name", [n for n, p in PROFILES.items() if p.deepspeed])

@@ -169,9 +169,10 @@ def render(raw: dict[str, Any], facts: DSFacts, source: str = "DeepSpeed config"
                            ("warmup_max_lr", facts.lr), ("warmup_min_lr", 0.0)):
             if params.get(key) == "auto":
                 params[key] = value
-    # Offloaded optimizer states step on the CPU. Without an "optimizer" section we pass torch's fused AdamW
-    # (as fast as DeepSpeedCPUAdam on CPU, no 60 s JIT compile); DeepSpeed refuses that unless told to.
-    if offloads(cfg).get("optimizer") == "cpu" and opt is None:
+    # Offloaded optimizer states step on the CPU (swapped in from NVMe first under zero3_nvme). Without an
+    # "optimizer" section we pass torch's fused AdamW (as fast as DeepSpeedCPUAdam on CPU, no 60 s JIT compile);
+    # DeepSpeed refuses that unless told to, and Accelerate would swap it for DeepSpeedCPUAdam.
+    if offloads(cfg).get("optimizer") in ("cpu", "nvme") and opt is None:
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)
 
     leftover = [k for k in _find_auto(cfg) if not k.endswith("nvme_path")]
