@@ -344,6 +344,12 @@ class MemoryConfig(_Closed):
                         problems.append(f"memory.{key}: {value!r} must be a positive size")
                 except ConfigError as e:
                     problems.extend(e.issues)
+        if self.profile == "auto" and self.deepspeed is not None:
+            # auto plans its candidates on their own DeepSpeed presets (or none): the JSON would then run under a
+            # choice that was never planned with it, and turn a profile without DeepSpeed into one with it
+            problems.append(f"memory.deepspeed: {self.deepspeed!r} cannot be combined with memory.profile: auto, "
+                            "which plans and picks among the profiles' own DeepSpeed presets; name the profile the "
+                            "JSON is for (e.g. memory.profile=zero3_offload) or drop memory.deepspeed")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -118,3 +118,13 @@ def test_memory_profile_is_typed_with_the_profiles_names():
                                           r"mean 'zero3_offload'\?"):
         load_experiment(None, ["memory.profile=zero3_ofload"])
     assert load_experiment(None, ["memory.profile=auto"]).memory.profile == "auto"
+
+
+def test_auto_with_an_own_deepspeed_json_is_refused_naming_both_keys():
+    """auto plans its candidates on their own presets; a user JSON would run under a choice never planned with it
+    (and make a profile without DeepSpeed a DeepSpeed one)."""
+    with pytest.raises(ConfigError, match=r"memory.deepspeed: 'my_ds.json' cannot be combined with memory.profile: "
+                                          r"auto.*name the profile the JSON is for"):
+        load_experiment(None, ["memory.profile=auto", "memory.deepspeed=my_ds.json"])
+    exp = load_experiment(None, ["memory.profile=zero3_offload", "memory.deepspeed=zero3_bf16_offload_all"])
+    assert exp.memory.deepspeed == "zero3_bf16_offload_all"
