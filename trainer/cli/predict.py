@@ -80,7 +80,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", default="auto", help="windows per forward pass, or auto: as many as fit the "
                    "device (weights + one window's activations without gradients; default auto)")
     p.add_argument("--precision", choices=["nf4", "int8", "bf16", "fp32"],
-                   help="backbone weights: nf4/int8 quantized at load, bf16 or fp32 (default: what the job trained with)")
+                   help="backbone weights: nf4/int8 quantized at load, bf16 or fp32 (default: what the job trained "
+                   "with; fp32 for an fp16 job)")
     p.add_argument("--base", metavar="DIR", help="the base checkpoint of a LoRA/QLoRA job, if it moved from the "
                    "job's pretrained_path (its fingerprint must match the export's)")
     p.add_argument("--probabilities", action="store_true",

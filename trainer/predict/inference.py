@@ -65,8 +65,14 @@ class InferenceModel:
 
 
 def default_precision(manifest: dict) -> str:
+    """The weights' precision when --precision is not given: the quantization the job trained with, else its
+    compute precision. An fp16-trained job predicts in fp32 (predict has no fp16 path; fp32 holds every fp16
+    value)."""
     q = manifest.get("quantization") or "none"
-    return q if q != "none" else manifest.get("precision") or "fp32"
+    if q != "none":
+        return q
+    trained = manifest.get("precision") or "fp32"
+    return "fp32" if trained == "fp16" else trained
 
 
 def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:

@@ -207,6 +207,11 @@ def _write_lora(tmp: Path, accelerator, model: nn.Module, state: dict, exp: Expe
             "params": sum(v.numel() for v in rest.values()) + sum(v.numel() for v in adapter.values())}
 
 
+def trained_precision(mixed_precision) -> str:
+    """export.json's "precision": what the run computed in (Accelerate's mixed_precision: "no" is fp32)."""
+    return {"bf16": "bf16", "fp16": "fp16"}.get(str(mixed_precision), "fp32")
+
+
 def export_job(accelerator, model: nn.Module, exp: Experiment, profile: Profile, zero_stage: int,
                out_dir: Path, metadata: dict[str, Any]) -> Path | None:
     """Collective (ZeRO-3 gathers on every rank). Returns the export dir on rank 0."""
@@ -221,9 +226,9 @@ def export_job(accelerator, model: nn.Module, exp: Experiment, profile: Profile,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    precision = "bf16" if str(accelerator.mixed_precision) == "bf16" else "fp32"
     manifest: dict[str, Any] = {"format": 2, "profile": profile.name, "quantization": profile.quantization,
-                                "precision": precision, "step": metadata.get("step")}
+                                "precision": trained_precision(accelerator.mixed_precision),
+                                "step": metadata.get("step")}
     if profile.lora is not None:
         manifest.update(_write_lora(tmp, accelerator, model, state, exp, metadata))
     else:
