@@ -10,9 +10,9 @@ from torch.testing import assert_close
 from trainer.config import DEMO_CONFIG, load_experiment
 from trainer.errors import ConfigError
 from trainer.memory.profiles import PROFILES, check_combination, resolve_profile
-from trainer.model.fitting import apply_profile, enable_grad_checkpointing
+from trainer.model.fitting import apply_profile, dequantized_weight, enable_grad_checkpointing
 from trainer.model.models import build_model, model_output
-from trainer.train.export import load_exported, merged_model, save_safetensors
+from trainer.train.export import load_exported, save_safetensors
 
 TINY = ["model.backbone_kwargs.img_size=32"]
 
@@ -105,6 +105,26 @@ def test_known_bad_combinations_are_refused():
         check_combination(resolve_profile(_exp("memory.profile=qlora").memory), 3, {"param": "cpu"})
     with pytest.raises(ConfigError, match="without LoRA"):
         check_combination(resolve_profile(_exp("memory.profile=full", "memory.quantization=nf4").memory), 0, {})
+
+
+def merged_model(trained: nn.Module) -> nn.Module:
+    """A copy of `trained` with its 4-bit/8-bit layers dequantized (back to nn.Linear) and LoRA merged, in memory:
+    what a merged export of a tiny model holds (`terrascale export --merge` streams a base checkpoint instead)."""
+    import copy
+
+    model = copy.deepcopy(trained).cpu()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            w = dequantized_weight(m).float()
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
+            lin.weight.data.copy_(w)
+            if m.bias is not None:
+                lin.bias.data.copy_(m.bias.data.float())
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, lin)
+    if hasattr(model.encoder, "merge_and_unload"):
+        model.encoder = model.encoder.merge_and_unload()
+    return model.float()
 
 
 @pytest.mark.parametrize("name", ["lora", "qlora"])

@@ -86,24 +86,6 @@ def dequantized_weight(m: nn.Module) -> torch.Tensor:
     return m.weight.data.float() * m.weight.SCB.float().unsqueeze(1) / 127.0
 
 
-def dequantize_linears(module: nn.Module) -> int:
-    """Inverse of `quantize_linears` (for merged exports): bitsandbytes layers back to `nn.Linear`."""
-    import bitsandbytes as bnb
-
-    count = 0
-    for name, m in list(module.named_modules()):
-        if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-            w = dequantized_weight(m).float()
-            lin = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
-            lin.weight.data.copy_(w)
-            if m.bias is not None:
-                lin.bias.data.copy_(m.bias.data.float())
-            parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-            setattr(parent, name.rsplit(".", 1)[-1], lin)
-            count += 1
-    return count
-
-
 def _get(model: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         model = getattr(model, part)

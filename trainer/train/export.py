@@ -20,7 +20,6 @@ Everything is written under a temporary name and renamed.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -62,17 +61,6 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
     save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     os.replace(tmp, path)
     return path
-
-
-def merged_model(trained: nn.Module) -> nn.Module:
-    """A copy of `trained` with 4-bit/8-bit layers dequantized and LoRA merged; the original is untouched."""
-    from trainer.model.fitting import dequantize_linears
-
-    model = copy.deepcopy(trained).cpu()
-    dequantize_linears(model)
-    if hasattr(model.encoder, "merge_and_unload"):
-        model.encoder = model.encoder.merge_and_unload()
-    return model.float()
 
 
 def stats_file(exp: Experiment) -> Path | None:
