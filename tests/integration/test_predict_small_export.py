@@ -36,11 +36,16 @@ WIDTH_DIVISOR = 2
 PEAK_RSS_BOUND = 3.5e9  # measured 2.0 GB (nf4) / 1.9 GB (bf16) here; a merged fp32 copy of the 40B would be 160 GB
 
 
+def _predict_args(job, scene, out, *extra) -> list[str]:
+    return [str(ROOT / "launch/predict.py"), "--job", str(job), "--input", str(scene), "--out", str(out), "--tile",
+            "32", "--overlap", "8", "--no-quicklook", *extra]
+
+
 def _predict(job, scene, out, *extra):
+    """A real predict process, its peak RSS sampled."""
     from trainer.bench.bench_load import PeakSampler
 
-    cmd = [sys.executable, str(ROOT / "launch/predict.py"), "--job", str(job), "--input", str(scene), "--out",
-           str(out), "--tile", "32", "--overlap", "8", "--no-quicklook", *extra]
+    cmd = [sys.executable, *_predict_args(job, scene, out, *extra)]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = PeakSampler(p.pid)
     stdout, stderr = p.communicate(timeout=900)
@@ -121,8 +126,7 @@ def test_predicts_nf4_and_bf16_from_the_base_and_refuses_another_base(job):
     synth_checkpoint.write_checkpoint(other, 1, 1, "native", seed=1, width_divisor=WIDTH_DIVISOR,
                                       shard_bytes=128 << 20)
     out = job["root"] / "refused.tif"
-    r = run_python([ROOT / "launch/predict.py", "--job", job["job"], "--input", job["scene"], "--out", out,
-                    "--tile", "32", "--overlap", "8", "--no-quicklook", "--base", other], timeout=900)
+    r = run_python(_predict_args(job["job"], job["scene"], out, "--base", str(other)), timeout=900)
     code, log = r.returncode, r.stdout + r.stderr  # (no memory measured: a warm child will do)
     assert code == 2, log[-3000:]
     assert "not the one this export was trained on" in log and str(other) in log and "Traceback" not in log

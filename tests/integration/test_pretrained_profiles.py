@@ -117,6 +117,8 @@ def test_bf16_lora_holds_frozen_weights_in_bf16(tmp_path, checkpoint):
     small_export(job, ref)
     lora = load_file(str(job / "export" / "adapter" / "adapter_model.safetensors"))
     assert lora and all(v.dtype == torch.float32 for v in lora.values()), "what trains stays fp32"
+    # export.json records the run's precision (Job.precision), which predict then defaults to
+    assert json.loads((job / "export" / "export.json").read_text())["precision"] == "bf16"
     # predict's loader streams the base from the checkpoint in bf16, bit for bit, under the export's adapters
     from trainer.predict.inference import load_for_inference
 

@@ -1,18 +1,10 @@
-"""export.json records the precision the run computed in, and predict's default follows it (fp16 → fp32)."""
+"""predict's default precision follows what export.json records the job trained in (fp16 → fp32). (That
+export.json records the run's precision: tests/integration/test_pretrained_profiles.py, a bf16 run.)"""
 from __future__ import annotations
 
 import pytest
 
 from trainer.predict.inference import default_precision
-from trainer.train.export import trained_precision
-
-
-@pytest.mark.parametrize("mixed, recorded", [("no", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")])
-def test_the_trained_precision_is_recorded_as_it_ran(mixed, recorded):
-    from accelerate.utils import PrecisionType
-
-    assert trained_precision(mixed) == recorded
-    assert trained_precision(PrecisionType(mixed)) == recorded  # what Accelerator.mixed_precision holds
 
 
 @pytest.mark.parametrize("manifest, precision", [

@@ -22,8 +22,8 @@ def export_from_checkpoint(job_dir: Path, checkpoint: str | None, overrides: lis
         raise CheckpointError(f"{job_dir} holds no complete checkpoint to export")
     job = setup(exp)
     progress = load_checkpoint(job.accelerator, ckpt, job.frozen_excluded)
-    out = export_job(job.accelerator, job.model, exp, job.profile, job.zero_stage, job_dir / "export",
-                     export_metadata(exp, job.profile.name, progress.step))
+    out = export_job(job.accelerator, job.model, exp, job.profile, job.precision, job.zero_stage,
+                     job_dir / "export", export_metadata(exp, job.profile.name, progress.step))
     shutdown_job(job.accelerator)
     return out
 

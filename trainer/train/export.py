@@ -195,14 +195,10 @@ def _write_lora(tmp: Path, accelerator, model: nn.Module, state: dict, exp: Expe
             "params": sum(v.numel() for v in rest.values()) + sum(v.numel() for v in adapter.values())}
 
 
-def trained_precision(mixed_precision) -> str:
-    """export.json's "precision": what the run computed in (Accelerate's mixed_precision: "no" is fp32)."""
-    return {"bf16": "bf16", "fp16": "fp16"}.get(str(mixed_precision), "fp32")
-
-
-def export_job(accelerator, model: nn.Module, exp: Experiment, profile: Profile, zero_stage: int,
+def export_job(accelerator, model: nn.Module, exp: Experiment, profile: Profile, precision: str, zero_stage: int,
                out_dir: Path, metadata: dict[str, Any]) -> Path | None:
-    """Collective (ZeRO-3 gathers on every rank). Returns the export dir on rank 0."""
+    """Collective (ZeRO-3 gathers on every rank). Returns the export dir on rank 0. `precision`: what the run
+    computed in (Job.precision), recorded in export.json."""
     if zero_stage == 3 and profile.lora is not None and base_checkpoint(exp) is not None:
         state = _gather_trained(accelerator, model)
     else:
@@ -215,8 +211,7 @@ def export_job(accelerator, model: nn.Module, exp: Experiment, profile: Profile,
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     manifest: dict[str, Any] = {"format": 2, "profile": profile.name, "quantization": profile.quantization,
-                                "precision": trained_precision(accelerator.mixed_precision),
-                                "step": metadata.get("step")}
+                                "precision": precision, "step": metadata.get("step")}
     if profile.lora is not None:
         manifest.update(_write_lora(tmp, accelerator, model, state, exp, metadata))
     else:

@@ -283,8 +283,8 @@ def main(exp: Experiment, stop: StopRequest | None = None) -> int:
         log.warning("stopped at step %d on request; checkpoint saved. Re-run the same command to continue.",
                     progress.step)
     elif exp.checkpoint.export:
-        out = export_job(accelerator, job.model, exp, job.profile, job.zero_stage, job_dir / "export",
-                         export_metadata(exp, job.profile.name, progress.step))
+        out = export_job(accelerator, job.model, exp, job.profile, job.precision, job.zero_stage,
+                         job_dir / "export", export_metadata(exp, job.profile.name, progress.step))
         if out:
             log.info("exported weights to %s (%s)", out, ", ".join(sorted(p.name for p in out.iterdir())))
     shutdown_job(accelerator)
