@@ -82,33 +82,15 @@ pip_install() {
   esac
 }
 
-# DeepSpeed JIT-compiles its CPU ops on first use (30 s to 6 min each); they are built once into a folder the venv
-# owns, in the background, as soon as torch and DeepSpeed are installed, so the compile overlaps the rest of the
-# install:
-# - shm_comm (DeepSpeed's CPU communication op, used by every DeepSpeed run): always built, and waited for;
-# - async_io (NVMe offload, profile zero3_nvme): left to its first use (4-6 min on one core).
-# TERRASCALE_OPS=background (what .ci/run sets) builds both and waits for neither: they go on compiling, one core
-# each, after setup returns; a run that needs an op meanwhile waits for torch's build lock, then loads it.
+# DeepSpeed JIT-compiles its CPU ops on first use (30 s to 6 min each) into a folder the venv owns. Training on CPU
+# needs none of them: terrascale steps with torch's AdamW (no cpu_adam) and marks DeepSpeed's shared-memory
+# all-reduce op unavailable (trainer.runtime.skip_cpu_shm_comm: only DeepSpeed inference uses it). async_io (NVMe
+# offload, profile zero3_nvme) is left to its first use (4-6 min on one core), unless TERRASCALE_OPS=background
+# (what .ci/run sets): then it is built in the background, on one core, as soon as torch and DeepSpeed are
+# installed, and setup does not wait for it; a run that needs it meanwhile waits for torch's build lock.
 BACKGROUND_OPS=$([ "${TERRASCALE_OPS:-}" = background ] && echo 1 || true)
 building() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 start_op_builds() {
-  if [ ! -f .venv/.ds-ops-built ] && ! building .venv/.ds-shm-building; then
-    echo "[setup] building DeepSpeed's CPU communication op in the background (log: .venv/torch_extensions/shm_comm.log)"
-    MAX_JOBS=1 nohup .venv/bin/python -c '
-import pathlib
-from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
-builder = ShareMemCommBuilder()
-if builder.is_compatible(verbose=False):
-    builder.load(verbose=False)
-    print(f"[ops] built {builder.name}")
-else:
-    print(f"[ops] {builder.name} not buildable here (skipped)")
-pathlib.Path(".venv/.ds-ops-built").touch()
-' > .venv/torch_extensions/shm_comm.log 2>&1 < /dev/null &
-    shm_pid=$!
-    echo "$shm_pid" > .venv/.ds-shm-building
-  fi
   if [ -n "$BACKGROUND_OPS" ] && [ ! -f .venv/.ds-aio-built ] && ! building .venv/.ds-aio-building; then
     echo "[setup] building DeepSpeed's async_io op in the background (log: .venv/torch_extensions/async_io.log)"
     MAX_JOBS=1 nohup .venv/bin/python -c '
@@ -134,7 +116,6 @@ if [ ! -e /usr/include/libaio.h ] && [ "$(id -u)" = 0 ] && command -v apt-get >/
     || echo "[setup] libaio-dev could not be installed: profile zero3_nvme will be unavailable"
 fi
 
-shm_pid=
 stamp=.venv/.terrascale-installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
@@ -153,11 +134,7 @@ fi
 # `accelerate launch` passes training's exit code and SIGTERM/SIGINT through only with terrascale's launcher hook
 # (a .pth file in the venv; trainer/launch_hook.py says what it does). Cheap and idempotent: always checked.
 .venv/bin/python -m trainer.launch_hook install
-if [ -n "$shm_pid" ] && [ -z "$BACKGROUND_OPS" ]; then
-  # not fatal (DeepSpeed then communicates without it, slower), but said, and retried by the next setup
-  wait "$shm_pid" || echo "[setup] WARNING: DeepSpeed's CPU communication op did not build: see .venv/torch_extensions/shm_comm.log"
-  grep -h "^\[ops\]" .venv/torch_extensions/shm_comm.log || true
-elif [ -n "$shm_pid" ]; then
-  echo "[setup] DeepSpeed's ops go on compiling in the background; a DeepSpeed run started meanwhile waits for them"
+if [ -n "$BACKGROUND_OPS" ] && building .venv/.ds-aio-building; then
+  echo "[setup] DeepSpeed's async_io op goes on compiling in the background; a zero3_nvme run started meanwhile waits for it"
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'from importlib.metadata import version as v; print(" | ".join(f"{p} {v(p)}" for p in ("torch", "deepspeed", "accelerate", "terratorch")))')"

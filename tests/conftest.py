@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,19 @@ def _runs_integration(config) -> bool:
         if path == integration or integration in path.parents or path in integration.parents:
             return True
     return False
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session):
+    """Collection imports torch, DeepSpeed and TerraTorch: no cyclic garbage collection meanwhile, and what it built
+    (it lives for the whole session) frozen afterwards, out of every later collection of the in-process tests (as
+    `trainer.runtime.pause_gc_for_start_up` does for a training process)."""
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def pytest_collection_finish(session):

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -23,6 +24,34 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# The commands whose start-up runs with Python's cyclic garbage collector paused (`pause_gc_for_start_up`).
+GC_PAUSED_COMMANDS = ("train", "predict")
+
+
+def pause_gc_for_start_up(command: str | None) -> None:
+    """At a process's entry (`launch/train.py`, `launch/predict.py`, `terrascale`, `python -m trainer`), for
+    `train` and `predict`: no cyclic garbage collection until `gc_after_start_up`.
+
+    Start-up imports ~9,000 modules (torch, DeepSpeed, TerraTorch, transformers) and builds the model: millions of
+    long-lived objects, which every full collection walks again, during start-up, during training and once more
+    at interpreter exit. Measured on a 2-step tiny ZeRO-3 + CPU offload run (user CPU, 3 runs each): 12.9-14.9 s
+    as Python does it, 7.4-10.1 s paused through start-up and frozen before the first step. Reference counting
+    still frees everything that is not part of a cycle meanwhile. A command that ends before
+    `gc_after_start_up` (a config error, `--help`) ends with the collector still paused."""
+    if command in GC_PAUSED_COMMANDS:
+        gc.disable()
+
+
+def gc_after_start_up() -> None:
+    """Start-up is over (training: before the first step; predict: the model is loaded): what exists now lives
+    until the process ends, so it is frozen (`gc.freeze`: no collection walks it again, nor the one at exit), and
+    the collector runs again for what the work itself allocates. Nothing to do where the collector was not
+    paused (an in-process caller of `trainer.cli.main`)."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def world_size() -> int:
@@ -47,6 +76,18 @@ def prepare_environment(deepspeed: bool) -> None:
     if deepspeed and "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+
+
+def skip_cpu_shm_comm() -> None:
+    """DeepSpeed on its CPU accelerator JIT-compiles its shared-memory all-reduce op (shm_comm: ~55 s of CPU, 30 s
+    to 6 min on a 2-core machine) in the first process that initializes its communication backend, and loads it in
+    every later one. The op serves only `deepspeed.comm.inference_all_reduce` (the tensor-parallel layers of
+    DeepSpeed inference), which ZeRO training never calls; without it that call takes torch.distributed's all_reduce.
+    So the op is marked unavailable before a CPU DeepSpeed run initializes (gloo does every collective); GPU runs
+    are untouched (their accelerator has no such op)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def quiet_libraries() -> None:

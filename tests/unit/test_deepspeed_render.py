@@ -112,3 +112,24 @@ def test_readme_profile_table_is_generated(root):
 
     readme = (root / "README.md").read_text()
     assert markdown_table() in readme, "README profile table is stale: paste markdown_table() output"
+
+
+def test_cpu_runs_never_build_deepspeeds_shm_comm_op(monkeypatch):
+    """`runtime.skip_cpu_shm_comm` (called by `job.make_accelerator` for a CPU DeepSpeed run): DeepSpeed's
+    communication backend then neither compiles nor loads its shared-memory all-reduce op."""
+    import importlib
+
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    from trainer.runtime import skip_cpu_shm_comm
+
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm",
+                        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"])
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    built = []
+    monkeypatch.setattr(ShareMemCommBuilder, "load", lambda self, verbose=True: built.append(self.name) or self)
+    assert ds_torch.build_shm_op() is not None and built  # what DeepSpeed does on this CPU by itself
+    built.clear()
+    skip_cpu_shm_comm()
+    assert ds_torch.build_shm_op() is None and not built

@@ -222,8 +222,19 @@ _early_stop = None  # set by run_launcher("train") before anything else is impor
 def run_launcher(command: str) -> None:
     """Entry for `launch/<command>.py`: same parser, same exit codes."""
     global _early_stop
+    from trainer.runtime import pause_gc_for_start_up
+
+    pause_gc_for_start_up(command)
     if command == "train":
         from trainer.train.checkpoint import StopRequest
 
         _early_stop = StopRequest().install()
     sys.exit(main([command, *sys.argv[1:]]))
+
+
+def entry() -> None:
+    """Entry for the `terrascale` script and `python -m trainer`."""
+    from trainer.runtime import pause_gc_for_start_up
+
+    pause_gc_for_start_up(sys.argv[1] if len(sys.argv) > 1 else None)
+    sys.exit(main())

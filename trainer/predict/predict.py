@@ -167,6 +167,7 @@ def predict_scene(job: Path, inputs: Sequence[Path], out: Path, *, tile: int = 6
     before the model is loaded."""
     from trainer.model.temporal import temporal_settings
     from trainer.predict.inference import load_for_inference
+    from trainer.runtime import gc_after_start_up
 
     job, out, inputs = Path(job), Path(out), [Path(p) for p in inputs]
     _check_options(tile, overlap, batch_size)
@@ -183,6 +184,7 @@ def predict_scene(job: Path, inputs: Sequence[Path], out: Path, *, tile: int = 6
         mean, _, _ = load_stats(export, exp)
         check_inputs(inputs, exp, len(mean), temporal_settings(exp.task).num_dates if temporal else 1)
     model = load_for_inference(export, precision, base=base)
+    gc_after_start_up()
     return predict_loaded(model, inputs, out, tile=tile, overlap=overlap, batch_size=batch_size,
                           probabilities=probabilities, quicklook=quicklook)
 

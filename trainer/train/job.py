@@ -47,7 +47,7 @@ def make_accelerator(exp: Experiment, ds_config: dict | None, precision: str):
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    from trainer.runtime import cuda_available
+    from trainer.runtime import cuda_available, skip_cpu_shm_comm
 
     trackers, notes = select_trackers(exp.run.trackers)
     for note in notes:
@@ -62,6 +62,7 @@ def make_accelerator(exp: Experiment, ds_config: dict | None, precision: str):
         if not cuda_available():
             # Without this every rank believes it is rank 0 of 1 under DeepSpeed on a CPU-only host.
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            skip_cpu_shm_comm()
     else:
         kwargs["mixed_precision"] = {"fp32": "no"}.get(precision, precision)
         kwargs["cpu"] = not cuda_available()

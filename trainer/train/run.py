@@ -227,7 +227,7 @@ def loop_parts(job: Job, on_log, on_checkpoint, stop: StopRequest):
 
 def main(exp: Experiment, stop: StopRequest | None = None) -> int:
     """`stop`: a StopRequest installed as early as possible by the caller (signals during start-up); else here."""
-    from trainer.runtime import world_size
+    from trainer.runtime import gc_after_start_up, world_size
     from trainer.train.joblock import acquire
     from trainer.train.loop import train
 
@@ -278,6 +278,7 @@ def main(exp: Experiment, stop: StopRequest | None = None) -> int:
         if accelerator.is_main_process:
             plot_curves(metrics_log.read(), job_dir / "curves.png", primary)
 
+    gc_after_start_up()
     progress, stopped = train(loop_parts(job, on_log, on_checkpoint, stop), progress)
     if stopped:
         log.warning("stopped at step %d on request; checkpoint saved. Re-run the same command to continue.",
