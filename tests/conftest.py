@@ -33,12 +33,13 @@ def pytest_collection(session):
     """Collection imports torch, DeepSpeed and TerraTorch: no cyclic garbage collection meanwhile, and what it built
     (it lives for the whole session) frozen afterwards, out of every later collection of the in-process tests (as
     `trainer.runtime.pause_gc_for_start_up` does for a training process)."""
+    from trainer.runtime import gc_after_start_up
+
     gc.disable()
     try:
         return (yield)
     finally:
-        gc.freeze()
-        gc.enable()
+        gc_after_start_up()
 
 
 def pytest_collection_finish(session):

@@ -219,8 +219,9 @@ def serve(path: str) -> None:
             __import__(name)
         except ImportError as e:
             print(f"[warm] could not preload {name}: {e}", file=sys.stderr)
-    gc.freeze()
-    gc.enable()
+    from trainer.runtime import gc_after_start_up
+
+    gc_after_start_up()
     if _threads():
         print(f"[warm] refusing to fork: threads {_threads()} running after imports", file=sys.stderr)
         sys.exit(3)

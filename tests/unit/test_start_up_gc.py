@@ -12,7 +12,14 @@ PROBE = """
 import gc, json, sys
 import trainer.cli as cli
 seen = {}
-cli.main = lambda argv=None: seen.setdefault("paused", not gc.isenabled()) and 0
+
+
+def main(argv=None):
+    seen["paused"] = not gc.isenabled()
+    return 0
+
+
+cli.main = main
 entry, command = sys.argv[1:3]
 try:
     if entry == "launcher":
